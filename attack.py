@@ -1,0 +1,394 @@
+"""PGD-EoT with exact gradients against diffusion-based purification (SPEC.md, "Attack and evaluation").
+
+    python attack.py --preset smoke          # whole pipeline on tiny built-in models, < 2 min on CPU
+    python attack.py --setting white-box --norm linf --defense ddpm --ddpm DIR --classifier CKPT \
+        --data PATH                           # the paper's PGD20-EoT10 on DP_DDPM (NFE 100)
+    torchrun --nproc_per_node=4 attack.py ... # shards the images; identical per-image records
+
+Settings (the attacker's knowledge of the defence's randomness):
+  white-box  every purification draws fresh noise (EoT over --eot draws per PGD step)
+  dw-fwd     the forward noise is fixed per image and shared with the final evaluation (EoT 1)
+  dw-both    forward and every reverse-step noise fixed and shared: a deterministic defence (EoT 1)
+  dw-semi    the randomness is one of --semi-n fixed noise sets per image; the attack averages over
+             the sets (EoT --semi-n, cycling through them), the evaluation draws one of them
+
+Every random draw is keyed by (seed, image index, stage, PGD step, EoT draw), so records do not depend
+on batch size, process count or where a run was resumed. Outputs in --out: records.jsonl (one line
+per image), summary.json, summary.md.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import (autocast, Dist, Progress, UserError, markdown_table, prepare_model, resolve_precision,
+                    run_main, sample_seed, write_json)
+from data import load_split, shard, to_float
+from diffusion import keyed_noise, load_unet, make_schedule, purify
+from models import load_classifier
+
+SETTINGS = ["white-box", "dw-fwd", "dw-both", "dw-semi"]
+BUDGETS = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1)}  # (eps, step size) on [0, 1] images
+DEFAULT_NFE = {"ddpm": 100, "ddim": 10, "none": 1}
+ATTACK, EVAL, CLEAN, FIXED, SEMI, SEMI_PICK = range(6)  # key stages of the noise streams
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setting", choices=SETTINGS, default="white-box")
+    p.add_argument("--semi-n", type=int, default=128, help="noise sets of dw-semi")
+    p.add_argument("--norm", choices=list(BUDGETS), default="linf")
+    p.add_argument("--eps", type=float, default=None, help="budget (default 8/255 linf, 0.5 l2)")
+    p.add_argument("--step-size", type=float, default=None, help="PGD step (default 2/255 linf, 0.1 l2)")
+    p.add_argument("--steps", type=int, default=20, help="PGD steps")
+    p.add_argument("--eot", type=int, default=None,
+                   help="EoT draws per PGD step (default 10 white-box, 1 dw-fwd/dw-both, semi-n dw-semi)")
+    p.add_argument("--eval-draws", type=int, default=1,
+                   help="also report robust accuracy averaged over K fresh purifications (1 = paper)")
+    p.add_argument("--defense", choices=["ddpm", "ddim", "none"], default="ddpm")
+    p.add_argument("--nfe", type=int, default=None, help="paper's NFE (default 100 ddpm, 10 ddim)")
+    p.add_argument("--t-star", type=float, default=0.1)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--ddpm", help="diffusers-layout UNet directory")
+    p.add_argument("--classifier", help="classifier checkpoint")
+    p.add_argument("--arch", default=None, help="classifier arch for a RobustBench state dict")
+    p.add_argument("--data", default="cifar10")
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, default=1024, help="first N images of the split")
+    p.add_argument("--batch-size", type=int, default=64, help="images attacked together")
+    p.add_argument("--chunk", type=int, default=640, help="purification pipelines per forward/backward")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="runs/attack")
+    p.add_argument("--resume", action="store_true", help="skip images already in OUT/records-*.jsonl")
+    p.add_argument("--preset", choices=["smoke"], default=None)
+    args = p.parse_args(argv)
+    return args if args.preset else check_args(args)
+
+
+def check_args(args):
+    """Fill the setting-dependent defaults and refuse impossible combinations."""
+    eps, step = BUDGETS[args.norm]
+    args.eps = eps if args.eps is None else args.eps
+    args.step_size = step if args.step_size is None else args.step_size
+    args.nfe = args.nfe or DEFAULT_NFE[args.defense]
+    default_eot = {"white-box": 10, "dw-fwd": 1, "dw-both": 1, "dw-semi": args.semi_n}[args.setting]
+    if args.defense == "none":
+        if args.eot not in (None, 1) or args.setting != "white-box":
+            raise UserError("--defense none attacks the bare classifier: it has no randomness, so "
+                            "--setting and --eot do not apply (leave them at their defaults)")
+        default_eot = 1
+    args.eot = args.eot or default_eot
+    if args.setting == "dw-both" and args.eot != 1:
+        raise UserError("dw-both fixes every noise, so all EoT draws are the same: drop --eot")
+    if args.setting == "dw-semi" and args.semi_n < 1:
+        raise UserError("--semi-n must be at least 1")
+    if min(args.eot, args.eval_draws, args.steps + 1, args.batch_size, args.chunk, args.n) < 1:
+        raise UserError("--eot, --eval-draws, --batch-size, --chunk and --n must be positive")
+    if args.defense == "ddpm" and args.eta:
+        raise UserError("--eta applies to --defense ddim only")
+    return args
+
+
+# ---------------------------------------------------------------- noise: which draw is which
+
+def noise_keys(args, i, stage, step, draw):
+    """(eps key, zs key) of one purification of image i; see the settings in the docstring."""
+    s = args.seed
+    if args.setting == "dw-both":  # one fixed noise set, shared by attack and evaluation
+        return sample_seed(s, i, FIXED, 0), sample_seed(s, i, FIXED, 1)
+    if args.setting == "dw-semi":  # the attack cycles through the N sets; evaluation picks one
+        n = args.semi_n
+        j = (step * args.eot + draw) % n if stage == ATTACK else sample_seed(s, i, SEMI_PICK, draw) % n
+        return sample_seed(s, i, SEMI, j, 0), sample_seed(s, i, SEMI, j, 1)
+    fresh_zs = sample_seed(s, i, stage, step, draw, 1)
+    if args.setting == "dw-fwd":  # forward noise fixed and shared; reverse noise fresh
+        return sample_seed(s, i, FIXED, 0), fresh_zs
+    return sample_seed(s, i, stage, step, draw, 0), fresh_zs
+
+
+class Defense:
+    """classifier(purify(x)) with the noises of (image, stage, step, draw) pipelines."""
+
+    def __init__(self, args, unet, classifier, sched, device, precision):
+        self.args, self.unet, self.classifier, self.sched = args, unet, classifier, sched
+        self.device, self.precision = device, precision
+
+    def logits(self, x, pipes, stage, grad=False):
+        """x: (P, C, H, W) inputs; pipes: P tuples (image index, step, draw)."""
+        if self.sched is None:
+            return self.classifier(x).float()
+        keys = [noise_keys(self.args, i, stage, s, d) for i, s, d in pipes]
+        eps, zs = keyed_noise([k[0] for k in keys], [k[1] for k in keys], self.sched, x.shape[1:], self.device)
+        with autocast(self.device, self.precision):
+            x_pur = purify(self.unet, x, self.sched, eps, zs, grad_checkpoint=grad)
+            return self.classifier(x_pur.float()).float()
+
+    def eot_gradient(self, x_adv, y, idx, step):
+        """Sum over EoT draws of d CE / d x, per image; draws run as a batch (draws x images) in
+        chunks of --chunk pipelines, and are summed in draw order so the result does not depend on
+        the batch size."""
+        n, eot = len(idx), self.args.eot
+        pipes = [(i, step, d) for d in range(eot) for i in idx]
+        x_rep, y_rep = x_adv.repeat(eot, 1, 1, 1), y.repeat(eot)
+        grads = torch.empty_like(x_rep)
+        for lo in range(0, len(pipes), self.args.chunk):
+            hi = min(lo + self.args.chunk, len(pipes))
+            x_c = x_rep[lo:hi].detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = F.cross_entropy(self.logits(x_c, pipes[lo:hi], ATTACK, grad=True), y_rep[lo:hi],
+                                       reduction="sum")
+                grads[lo:hi], = torch.autograd.grad(loss, x_c)
+        g = grads[:n]
+        for d in range(1, eot):
+            g = g + grads[d * n:(d + 1) * n]
+        return g
+
+
+def pgd_step(x, x_adv, g, args):
+    """One PGD step: sign step (linf) or normalised step (l2), projection onto the eps ball, [0, 1]."""
+    if args.norm == "linf":
+        delta = (x_adv + args.step_size * g.sign() - x).clamp(-args.eps, args.eps)
+    else:
+        g_norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        delta = x_adv + args.step_size * g / g_norm - x
+        d_norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        delta = delta * (args.eps / d_norm.clamp_min(1e-12)).clamp(max=1.0)
+    return (x + delta).clamp(0, 1)
+
+
+def evaluate(defense, x, y, idx, stage, draws):
+    """Predictions, correct fraction and CE loss over `draws` fresh purifications (draw 0 first)."""
+    preds, losses = [], []
+    with torch.no_grad():
+        for d in range(draws):
+            logits = defense.logits(x, [(i, defense.args.steps, d) for i in idx], stage)
+            preds.append(logits.argmax(1))
+            losses.append(F.cross_entropy(logits, y, reduction="none"))
+    preds = torch.stack(preds)
+    return preds[0], (preds == y).float().mean(0), losses[0]
+
+
+def attack_batch(defense, x, y, idx, on_step=None):
+    """PGD from delta = 0 (no random start) -> per-image records."""
+    args = defense.args
+    clean_pred, clean_frac, _ = evaluate(defense, x, y, idx, CLEAN, args.eval_draws)
+    x_adv = x.clone()
+    for step in range(args.steps):
+        x_adv = pgd_step(x, x_adv, defense.eot_gradient(x_adv, y, idx, step), args)
+        if on_step:
+            on_step()
+    pred, frac, loss = evaluate(defense, x_adv, y, idx, EVAL, args.eval_draws)
+    delta = (x_adv - x).flatten(1)
+    return [{"index": i, "label": int(y[k]), "clean_pred": int(clean_pred[k]), "pred": int(pred[k]),
+             "clean_correct_frac": float(clean_frac[k]), "robust_correct_frac": float(frac[k]),
+             "loss": float(loss[k]), "linf": float(delta[k].abs().max()), "l2": float(delta[k].norm())}
+            for k, i in enumerate(idx)]
+
+
+# ---------------------------------------------------------------- records, resume, summary
+
+def read_records(out):
+    records = {}
+    for path in sorted(glob.glob(os.path.join(out, "records-*.jsonl"))):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut by an interruption: redone on resume
+                        continue
+                    records[r["index"]] = r
+    return records
+
+
+def append_records(path, records):
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def summarize(args, sched, records, attacked, seconds, precision):
+    """Accuracies over all records; speed over the images attacked in this run."""
+    n = len(records)
+    rs = [records[i] for i in sorted(records)]
+    summary = {"args": vars(args), "precision": precision, "n": n,
+               "timesteps": sched.timesteps if sched else [], "model_calls": len(sched.timesteps) if sched else 0,
+               "clean_accuracy": 100 * sum(r["clean_pred"] == r["label"] for r in rs) / n,
+               "robust_accuracy": 100 * sum(r["pred"] == r["label"] for r in rs) / n,
+               "attacked_this_run": attacked, "seconds": seconds,
+               "images_per_s": attacked / max(seconds, 1e-9)}
+    if args.eval_draws > 1:
+        summary["clean_accuracy_avg"] = 100 * sum(r["clean_correct_frac"] for r in rs) / n
+        summary["robust_accuracy_avg"] = 100 * sum(r["robust_correct_frac"] for r in rs) / n
+    return summary
+
+
+def summary_row(s):
+    a = s["args"]
+    row = {"defense": a["defense"], "NFE": a["nfe"] if a["defense"] != "none" else "-",
+           "setting": a["setting"] + (f"-{a['semi_n']}" if a["setting"] == "dw-semi" else ""),
+           "attack": f"PGD{a['steps']}-EoT{a['eot']} {a['norm']}", "N": s["n"],
+           "clean": f"{s['clean_accuracy']:.2f}", "robust": f"{s['robust_accuracy']:.2f}"}
+    if "robust_accuracy_avg" in s:
+        row[f"robust (avg of {a['eval_draws']})"] = f"{s['robust_accuracy_avg']:.2f}"
+    return row
+
+
+# ---------------------------------------------------------------- main
+
+def load_defense(args, device):
+    if not args.classifier:
+        raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py), "
+                        "or run `python attack.py --preset smoke` to check an install without one")
+    classifier = load_classifier(args.classifier, arch=args.arch)
+    sched = unet = None
+    if args.defense != "none":
+        sched = make_schedule(args.defense, args.nfe, args.t_star, args.eta)
+        unet = prepare_model(load_unet(args.ddpm), device, args.channels_last, args.compile)
+    classifier = prepare_model(classifier, device, args.channels_last, args.compile)
+    precision = resolve_precision(args.precision, device)
+    return Defense(args, unet, classifier, sched, device, precision)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.preset == "smoke":
+        return smoke(args)
+    d = Dist(args.device)
+    defense = load_defense(args, d.device)
+    data = load_split(args.data, args.split)
+    if args.n > len(data.labels):
+        raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
+    os.makedirs(args.out, exist_ok=True)
+    if not args.resume and d.master and glob.glob(os.path.join(args.out, "records-*.jsonl")):
+        raise UserError(f"{args.out} already holds records: pass --resume to continue, or another --out")
+    d.barrier()
+    done = read_records(args.out) if args.resume else {}
+    start, stop = shard(args.n, d.rank, d.world)
+    todo = [i for i in range(start, stop) if i not in done]
+    if d.master:
+        write_json(os.path.join(args.out, "args.json"), vars(args))
+        print(f"attack: {args.setting} {args.norm} on {args.defense}, {args.n} images "
+              f"({len(done)} already recorded), {d.world} process(es)", flush=True)
+    path = os.path.join(args.out, f"records-{d.rank}.jsonl")
+    progress = Progress(len(todo) * args.steps, "pgd", "img-steps", enabled=d.master)
+    t0 = time.time()
+    for lo in range(0, len(todo), args.batch_size):
+        idx = todo[lo:lo + args.batch_size]
+        x = to_float(data.images[idx].to(d.device))
+        y = data.labels[idx].to(d.device)
+        append_records(path, attack_batch(defense, x, y, idx, on_step=lambda: progress.update(len(idx))))
+    attacked = int(d.all_sum(torch.tensor(len(todo), device=d.device)))
+    if not d.master:
+        return
+    records = read_records(args.out)
+    missing = [i for i in range(args.n) if i not in records]
+    if missing:
+        raise UserError(f"{len(missing)} images have no record (first: {missing[0]}); rerun with --resume")
+    summary = summarize(args, defense.sched, {i: records[i] for i in range(args.n)}, attacked,
+                        time.time() - t0, defense.precision)
+    write_json(os.path.join(args.out, "summary.json"), summary)
+    table = markdown_table([summary_row(summary)], list(summary_row(summary)))
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"{summary['images_per_s']:.3f} img/s  -> {args.out}")
+    return summary
+
+
+# ---------------------------------------------------------------- smoke preset: tiny built-in models
+
+TINY_UNET_CONFIG = dict(sample_size=32, block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
+                        down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                        up_block_types=["AttnUpBlock2D", "UpBlock2D"], attention_head_dim=None,
+                        flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6)
+
+
+def synthetic_images(n_per_class, n_classes=10, size=32, seed=0):
+    """Images whose class is a colour (plus smooth noise and a random square): learnable in seconds."""
+    palette = torch.rand(n_classes, 3, 1, 1, generator=torch.Generator().manual_seed(1234))  # same every split
+    g = torch.Generator().manual_seed(seed)
+    n = n_per_class * n_classes
+    labels = torch.arange(n_classes).repeat_interleave(n_per_class)
+    noise = F.interpolate(torch.rand(n, 3, size // 8, size // 8, generator=g), size=size, mode="bilinear")
+    x = 0.7 * palette[labels] + 0.3 * noise
+    for k in range(n):  # an occluding square, so the classifier must look at the whole image
+        r, c = torch.randint(0, size - 8, (2,), generator=g).tolist()
+        x[k, :, r:r + 8, c:c + 8] = torch.rand(3, 1, 1, generator=g)
+    return (x * 255).round().to(torch.uint8), labels
+
+
+def make_smoke_inputs(root, n_per_class=20, train_steps=60, seed=0):
+    """A zip of generated images (image-folder layout), a tiny classifier trained on them for a few
+    seconds and an untrained tiny UNet in the diffusers layout. Returns their paths."""
+    import zipfile
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image
+
+    from models import build_classifier, classifier_checkpoint
+    from models.unet import UNet
+    from common import atomic_save
+    paths = {"data": os.path.join(root, "images.zip"), "classifier": os.path.join(root, "classifier.pt"),
+             "ddpm": os.path.join(root, "unet")}
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths
+    os.makedirs(root, exist_ok=True)
+    torch.manual_seed(seed)
+    splits = {"train": synthetic_images(n_per_class, seed=seed), "test": synthetic_images(n_per_class, seed=seed + 1)}
+    with zipfile.ZipFile(paths["data"] + ".tmp", "w") as z:
+        for split, (x, y) in splits.items():
+            for k in range(len(y)):
+                buf = BytesIO()
+                Image.fromarray(x[k].permute(1, 2, 0).numpy().astype(np.uint8)).save(buf, format="PNG")
+                z.writestr(f"{split}/class{int(y[k])}/{k:04d}.png", buf.getvalue())
+    os.replace(paths["data"] + ".tmp", paths["data"])
+    clf = build_classifier("wrn-10-1", 10)
+    opt = torch.optim.SGD(clf.parameters(), lr=0.05, momentum=0.9)
+    x, y = to_float(splits["train"][0]), splits["train"][1]
+    for _ in range(train_steps):
+        i = torch.randint(0, len(y), (32,))
+        loss = F.cross_entropy(clf(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    atomic_save(classifier_checkpoint(clf.eval(), "wrn-10-1"), paths["classifier"])
+    UNet(TINY_UNET_CONFIG).save_pretrained(paths["ddpm"])
+    return paths
+
+
+def smoke(args):
+    """Every setting and both norms end to end on the tiny models, in a few seconds each."""
+    inputs = make_smoke_inputs(os.path.join(args.out, "smoke-inputs"))
+    rows = []
+    t0 = time.time()
+    runs = [("none", "white-box", "linf")] + [("ddpm", s, nm) for s in SETTINGS for nm in BUDGETS]
+    for defense, setting, norm in runs:
+        out = os.path.join(args.out, f"smoke-{defense}-{setting}-{norm}")
+        argv = ["--defense", defense, "--setting", setting, "--norm", norm, "--out", out, "--n", "8",
+                "--batch-size", "4", "--steps", "3", "--nfe", "5", "--semi-n", "3", "--device", "cpu",
+                "--ddpm", inputs["ddpm"], "--classifier", inputs["classifier"], "--data", inputs["data"]]
+        if setting == "white-box" and defense != "none":
+            argv += ["--eot", "2"]
+        if os.path.isdir(out):
+            argv.append("--resume")
+        rows.append(summary_row(main(argv)))
+    print("\nsmoke test (tiny untrained UNet, generated images; checks the install, not the paper):")
+    print(markdown_table(rows, list(rows[0])))
+    print(f"smoke preset finished in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    run_main(main)

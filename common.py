@@ -1,0 +1,187 @@
+"""Small helpers shared by the scripts: errors for bad input, torchrun set-up, atomic writes,
+RNG state, per-sample seeds and a progress line with ETA."""
+import json
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """Bad input from the user (missing file, wrong flag combination): printed as one line."""
+
+
+def run_main(main):
+    """Call main(); a UserError becomes 'error: ...' on stderr and exit status 2, no traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Dist:
+    """Process layout under torchrun (nanoGPT style); one process when RANK is unset."""
+
+    def __init__(self, device=None):
+        self.ddp = int(os.environ.get("RANK", -1)) != -1
+        cuda = torch.cuda.is_available() and device != "cpu"
+        if self.ddp:
+            dist.init_process_group("nccl" if cuda else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        else:
+            self.rank, self.world, self.local_rank = 0, 1, 0
+        if device and device != "cuda":
+            self.device = torch.device(device)
+        elif cuda:
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.master = self.rank == 0
+
+    def all_sum(self, t):
+        if self.ddp:
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
+
+    def all_gather_objects(self, obj):
+        """A list with every rank's obj (rank order); [obj] in one process."""
+        if not self.ddp:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def atomic_write_bytes(path, write):
+    """write(tmp_path) then rename, so an interruption never leaves a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def atomic_save(obj, path):
+    atomic_write_bytes(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+    atomic_write_bytes(path, write)
+
+
+def load_checkpoint(path, what="checkpoint"):
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"could not read {what} {path}: {e}") from e
+
+
+def rng_states():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def sample_seed(*key):
+    """A 63-bit seed from a tuple of non-negative ints, e.g. (seed, image index, pgd step, draw).
+    Results keyed this way do not depend on batch size, process count or resume point."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def randn_keyed(keys, shape, device, generator=None):
+    """One standard-normal tensor of `shape` per key, stacked: shape (len(keys), *shape).
+    Each slice depends only on its key (and the device type)."""
+    g = generator or torch.Generator(device=device)
+    out = torch.empty((len(keys), *shape), device=device)
+    for i, k in enumerate(keys):
+        g.manual_seed(k)
+        torch.randn(shape, generator=g, device=device, out=out[i])
+    return out
+
+
+class Progress:
+    """Prints 'label i/n  rate  ETA' at most every `every` seconds (master process only)."""
+
+    def __init__(self, total, label="", unit="it", every=10.0, enabled=True):
+        self.total, self.label, self.unit, self.every, self.enabled = total, label, unit, every, enabled
+        self.start = self.last = time.time()
+        self.done = 0
+
+    def update(self, n=1, extra=""):
+        self.done += n
+        now = time.time()
+        if not self.enabled or (now - self.last < self.every and self.done < self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / max(rate, 1e-9)
+        print(f"{self.label} {self.done}/{self.total}  {rate:.2f} {self.unit}/s  "
+              f"ETA {format_seconds(eta)}  {extra}".rstrip(), flush=True)
+
+    @property
+    def elapsed(self):
+        return time.time() - self.start
+
+
+def format_seconds(s):
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def markdown_table(rows, header):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def prepare_model(model, device, channels_last=False, compile=False):
+    """Eval mode, frozen weights (attacks take gradients w.r.t. inputs only), on device."""
+    model = model.to(device).eval().requires_grad_(False)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile else model
+
+
+def resolve_precision(precision, device):
+    """'auto' is bf16 autocast on CUDA and fp32 elsewhere (CPU bf16 is slow and gains nothing)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device, precision):
+    """bf16 autocast on CUDA for precision 'bf16'; tf32 matmuls for 'tf32'; plain fp32 otherwise."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        if precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()

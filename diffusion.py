@@ -1,0 +1,156 @@
+"""Diffusion core: the linear DDPM schedule, respaced DDPM/DDIM reverse steps exactly as
+diffusers' DDPMScheduler(variance_type="fixed_large") / DDIMScheduler produce them after
+set_timesteps(n), and the one purification function every script calls (SPEC.md, "Purification").
+
+All randomness of a purification is explicit: the forward noise `eps` and the reverse-step noises
+`zs` are tensors the caller may supply (an attack fixes them: dw-fwd, dw-both) or leave to be drawn.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from common import UserError, randn_keyed
+from kernels.ddpm_step import reverse_step
+
+T = 1000  # training timesteps
+
+
+def linear_alpha_bar(T=T, beta_start=1e-4, beta_end=0.02):
+    """alpha_bar[t] = prod(1 - beta[0..t]), t = 0..T-1, computed in float32 like diffusers."""
+    betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def respaced_timesteps(nfe, t_star=100, T=T):
+    """The reverse timesteps that start at t_star: the tail of diffusers' set_timesteps(n) with
+    'leading' spacing, where the paper's NFE k means n = k T / t_star (NFE 5 -> 100, 80, ..., 0)."""
+    if not 1 <= nfe <= t_star or (nfe * T) % t_star:
+        raise UserError(f"--nfe {nfe} does not divide the schedule: nfe * {T} must be a multiple of "
+                        f"t* = {t_star} (for t* = 100 any nfe that divides 100, e.g. 5, 10, 20, 50, 100)")
+    n = nfe * T // t_star
+    step = T // n
+    if t_star % step or t_star // step != nfe:
+        raise UserError(f"--nfe {nfe} does not divide the schedule: set_timesteps({n}) visits multiples "
+                        f"of {step}, which skip t* = {t_star}; pick an nfe that divides {t_star}")
+    return list(range(t_star, -1, -step))
+
+
+@dataclass
+class Schedule:
+    """A purification schedule: forward diffusion to t_star, then reverse steps over `timesteps`.
+    coefs[i] = (a, b, c0, cx, ce, s) of step i (see kernels/ddpm_step.py); noisy[i] says whether step
+    i adds noise, so zs has one slice per noisy step."""
+    sampler: str
+    nfe: int
+    t_star: int
+    eta: float
+    timesteps: list
+    alpha_bar_star: float
+    coefs: torch.Tensor  # (steps, 6) float32
+    noisy: list
+
+    @property
+    def n_noise(self):
+        return sum(self.noisy)
+
+
+def make_schedule(sampler="ddpm", nfe=100, t_star=0.1, eta=0.0, T=T):
+    """t_star is a fraction of T (0.1 -> t = 100), as in the paper."""
+    if sampler not in ("ddpm", "ddim"):
+        raise UserError(f"unknown sampler {sampler!r}: use ddpm or ddim")
+    if sampler == "ddpm" and eta:
+        raise UserError("--eta applies to the ddim sampler only")
+    t_star_int = round(t_star * T)
+    if not 0 < t_star_int < T:
+        raise UserError(f"--t-star {t_star} must lie in (0, 1)")
+    timesteps = respaced_timesteps(nfe, t_star_int, T)
+    alpha_bar = linear_alpha_bar(T)
+    one = torch.tensor(1.0)
+    rows, noisy = [], []
+    for i, t in enumerate(timesteps):  # float32, in diffusers' order of operations, so trajectories agree
+        ab_t = alpha_bar[t]
+        ab_prev = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else one
+        beta_t = 1 - ab_t / ab_prev  # beta of the respaced step
+        a, b = 1 / ab_t ** 0.5, (1 - ab_t) ** 0.5 / ab_t ** 0.5  # x0_hat = a x_t - b eps
+        zero = torch.tensor(0.0)
+        if sampler == "ddpm":  # posterior mean; variance "fixed_large" = beta_t; no noise at t = 0
+            c0 = ab_prev ** 0.5 * beta_t / (1 - ab_t)
+            cx = (ab_t / ab_prev) ** 0.5 * (1 - ab_prev) / (1 - ab_t)
+            ce, s = zero, beta_t ** 0.5 if t > 0 else zero
+        else:  # DDIM (Song et al. eq. 12); eta = 0 is deterministic
+            s = eta * ((1 - ab_prev) / (1 - ab_t) * beta_t) ** 0.5
+            c0, cx, ce = ab_prev ** 0.5, zero, (1 - ab_prev - s ** 2) ** 0.5
+        rows.append(torch.stack([a, b, c0, cx, ce, s]))
+        noisy.append(bool(s > 0))
+    return Schedule(sampler, nfe, t_star_int, eta, timesteps, float(alpha_bar[t_star_int]),
+                    torch.stack(rows), noisy)
+
+
+def denoise_step(unet, x_t, t, z, coef):
+    """One reverse step: the UNet's epsilon, then the (fused) DDPM/DDIM update."""
+    n = x_t.shape[0]
+    eps = unet(x_t, torch.full((n,), t, device=x_t.device, dtype=torch.long))
+    a, b, c0, cx, ce, s = (c.to(device=x_t.device, dtype=torch.float32 if x_t.dtype != torch.float64
+                                else torch.float64).expand(n).contiguous() for c in coef)
+    return reverse_step(x_t, eps, z, a, b, c0, cx, ce, s)
+
+
+def diffuse(x, eps, alpha_bar):
+    """Forward diffusion (paper eq. 2) of an image in [0, 1] to the model's [-1, 1] range."""
+    return alpha_bar ** 0.5 * (2 * x - 1) + (1 - alpha_bar) ** 0.5 * eps
+
+
+def purify(unet, x, sched, eps=None, zs=None, generator=None, grad_checkpoint=False, trace=None):
+    """Image in [0, 1] -> purified image in [0, 1].
+    eps: forward noise, shape of x; zs: reverse-step noises, (sched.n_noise, *x.shape). Any left as
+    None is drawn fresh from `generator`. grad_checkpoint recomputes each UNet call in the backward
+    pass, so memory grows with the number of steps by one image tensor per step only.
+    trace: an optional list that receives x_t after the forward diffusion and after every step."""
+    if eps is None:
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if zs is None:
+        zs = torch.randn((sched.n_noise, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+    if zs.shape[0] != sched.n_noise:
+        raise ValueError(f"zs holds {zs.shape[0]} step noises, the schedule needs {sched.n_noise}")
+    x_t = diffuse(x, eps, sched.alpha_bar_star)
+    if trace is not None:
+        trace.append(x_t.detach())
+    k = 0
+    for i, t in enumerate(sched.timesteps):
+        z = zs[k] if sched.noisy[i] else None
+        k += sched.noisy[i]
+        if grad_checkpoint and torch.is_grad_enabled():
+            x_t = checkpoint(denoise_step, unet, x_t, t, z, sched.coefs[i], use_reentrant=False)
+        else:
+            x_t = denoise_step(unet, x_t, t, z, sched.coefs[i])
+        if trace is not None:
+            trace.append(x_t.detach())
+    return (x_t + 1) / 2
+
+
+def keyed_noise(eps_keys, zs_keys, sched, shape, device):
+    """Forward and step noises of a batch, one key per sample for each (see common.sample_seed):
+    eps (B, *shape) and zs (n_noise, B, *shape)."""
+    g = torch.Generator(device=device)
+    eps = randn_keyed(eps_keys, shape, device, g)
+    if sched.n_noise == 0:
+        return eps, eps.new_zeros((0, len(zs_keys), *shape))
+    zs = randn_keyed(zs_keys, (sched.n_noise, *shape), device, g)
+    return eps, zs.transpose(0, 1)
+
+
+def load_unet(path, **overrides):
+    """The diffusers-layout UNet at `path`, with a clear error when it is missing or mismatched."""
+    from models.unet import UNet
+    hint = ("pass --ddpm DIR holding config.json + diffusion_pytorch_model.safetensors (for example the "
+            "google/ddpm-cifar10-32 repository from https://huggingface.co/google/ddpm-cifar10-32, or the "
+            "export of train_addt.py, which also trains one from scratch with --init scratch)")
+    if not path:
+        raise UserError(f"no diffusion model given: {hint}")
+    try:
+        return UNet.from_pretrained(path, **overrides)
+    except FileNotFoundError as e:
+        raise UserError(f"{e}; {hint}") from e
+    except ValueError as e:
+        raise UserError(f"diffusion model {path} does not match its config: {e}") from e

@@ -1,0 +1,135 @@
+"""Clean accuracy of diffusion-based purification (DP_DDPM / DP_DDIM) on the first N test images.
+
+    python purify.py --ddpm DIR --classifier CKPT --data PATH [--sampler ddpm|ddim] [--nfe 100] \
+        [--t-star 0.1] [--n 1024]
+    torchrun --nproc_per_node=4 purify.py ...      # shards the images, same totals as one process
+
+Writes OUT/results.json (every setting, seed, timestep list, classifier-only and purified accuracy),
+OUT/grid.png (rows: original, diffused to t*, purified) and prints a markdown table.
+Noise is keyed per image (seed, image index), so the result does not depend on batch size or the
+number of processes.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import (autocast, Dist, Progress, UserError, markdown_table, prepare_model, resolve_precision,
+                    run_main, sample_seed, write_json)
+from data import load_split, shard, to_float
+from diffusion import keyed_noise, load_unet, make_schedule, purify
+from models import load_classifier
+
+DEFAULT_NFE = {"ddpm": 100, "ddim": 10}  # SPEC.md: DP_DDPM n = 1000, DP_DDIM n = 100 (tables 3, 5)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ddpm", help="diffusers-layout UNet directory (e.g. google/ddpm-cifar10-32)")
+    p.add_argument("--classifier", help="classifier checkpoint (train_classifier.py or RobustBench layout)")
+    p.add_argument("--arch", default=None, help="classifier arch for a RobustBench state dict (default wrn-28-10)")
+    p.add_argument("--data", default="cifar10", help="data set path or name (see data.py)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--nfe", type=int, default=None, help="paper's NFE (default 100 for ddpm, 10 for ddim)")
+    p.add_argument("--t-star", type=float, default=0.1, help="diffusion depth as a fraction of T")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic reverse)")
+    p.add_argument("--n", type=int, default=1024, help="first N images of the split")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", type=int, default=8, help="images in grid.png (0 = none)")
+    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="runs/purify")
+    args = p.parse_args(argv)
+    args.nfe = args.nfe or DEFAULT_NFE[args.sampler]
+    return args
+
+
+def load_inputs(args, device):
+    """UNet, classifier and the first N images, checked against each other."""
+    if not args.classifier:
+        raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py)")
+    unet = load_unet(args.ddpm)
+    classifier = load_classifier(args.classifier, arch=args.arch)
+    data = load_split(args.data, args.split)
+    if args.n > len(data.labels):
+        raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
+    with torch.no_grad():
+        n_classes = classifier(to_float(data.images[:1])).shape[1]
+    if n_classes != len(data.classes):
+        raise UserError(f"classifier predicts {n_classes} classes, {args.data} has {len(data.classes)}: "
+                        "pass the classifier trained on this data set")
+    unet = prepare_model(unet, device, args.channels_last, args.compile)
+    classifier = prepare_model(classifier, device, args.channels_last, args.compile)
+    return unet, classifier, data.images[:args.n], data.labels[:args.n]
+
+
+def image_noise(args, sched, idx, shape, device):
+    """Forward and step noises of images idx, keyed by (seed, image index) only."""
+    return keyed_noise([sample_seed(args.seed, i, 0) for i in idx],
+                       [sample_seed(args.seed, i, 1) for i in idx], sched, shape, device)
+
+
+def save_grid(path, rows):
+    """rows: list of (n, 3, H, W) tensors in [0, 1] -> one PNG, a row each."""
+    grid = torch.cat([torch.cat(list(r.clamp(0, 1).cpu()), dim=2) for r in rows], dim=1)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    d = Dist(args.device)
+    sched = make_schedule(args.sampler, args.nfe, args.t_star, args.eta)
+    unet, classifier, images, labels = load_inputs(args, d.device)
+    precision = resolve_precision(args.precision, d.device)
+    start, stop = shard(len(labels), d.rank, d.world)
+    correct = torch.zeros(2, dtype=torch.long, device=d.device)  # classifier only, purified
+    progress = Progress(stop - start, "purify", "img", enabled=d.master)
+    t0 = time.time()
+    with torch.no_grad(), autocast(d.device, precision):
+        for lo in range(start, stop, args.batch_size):
+            idx = range(lo, min(lo + args.batch_size, stop))
+            x = to_float(images[lo:idx.stop].to(d.device))
+            y = labels[lo:idx.stop].to(d.device)
+            eps, zs = image_noise(args, sched, idx, x.shape[1:], d.device)
+            x_pur = purify(unet, x, sched, eps, zs).float()
+            correct[0] += (classifier(x).argmax(1) == y).sum()
+            correct[1] += (classifier(x_pur).argmax(1) == y).sum()
+            progress.update(len(idx))
+    d.all_sum(correct)
+    seconds = time.time() - t0
+    if not d.master:
+        return
+    n = len(labels)
+    results = {"args": vars(args), "precision": precision, "timesteps": sched.timesteps,
+               "model_calls": len(sched.timesteps), "n": n,
+               "classifier_accuracy": 100 * correct[0].item() / n,
+               "purified_accuracy": 100 * correct[1].item() / n,
+               "seconds": seconds, "images_per_s": n / seconds}
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "results.json"), results)
+    if args.grid:
+        k = min(args.grid, n)
+        x = to_float(images[:k].to(d.device))
+        eps, zs = image_noise(args, sched, range(k), x.shape[1:], d.device)
+        trace = []
+        with torch.no_grad(), autocast(d.device, precision):
+            x_pur = purify(unet, x, sched, eps, zs, trace=trace).float()
+        save_grid(os.path.join(args.out, "grid.png"), [x, (trace[0].float() + 1) / 2, x_pur])
+    row = {"sampler": args.sampler, "NFE": args.nfe, "t*": sched.t_star, "N": n,
+           "classifier": f"{results['classifier_accuracy']:.2f}",
+           "purified (clean)": f"{results['purified_accuracy']:.2f}"}
+    print(markdown_table([row], list(row)))
+    print(f"timesteps: {sched.timesteps[:6]}{' ...' if len(sched.timesteps) > 6 else ''}  "
+          f"({len(sched.timesteps)} UNet calls)  {results['images_per_s']:.1f} img/s  -> {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)
