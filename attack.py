@@ -59,9 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--arch", default=None, help="classifier arch for a RobustBench state dict")
     p.add_argument("--data", default="cifar10")
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=1024, help="first N images of the split")
+    p.add_argument("--n", "--num-images", dest="n", type=int, default=1024,
+                   help="first N images of the split (write --num-images under torchrun, which takes --n as its own)")
     p.add_argument("--batch-size", type=int, default=64, help="images attacked together")
-    p.add_argument("--chunk", type=int, default=640, help="purification pipelines per forward/backward")
+    p.add_argument("--chunk", type=int, default=64,
+                   help="pipelines (image x EoT draw) per forward/backward; results depend on it, not on --batch-size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto")
     p.add_argument("--channels-last", action="store_true")
@@ -132,21 +134,32 @@ class Defense:
             x_pur = purify(self.unet, x, self.sched, eps, zs, grad_checkpoint=grad)
             return self.classifier(x_pur.float()).float()
 
+    def run(self, x, y, pipes, stage, grad=False):
+        """Logits of the pipelines and, with grad, d CE / d x of each. They run in chunks of exactly
+        --chunk pipelines (the last one padded with copies), so every pipeline is computed in a batch
+        of the same size: per-image results do not depend on --batch-size or the process count."""
+        c = self.args.chunk
+        logits, grads = [], []
+        for lo in range(0, len(pipes), c):
+            hi = min(lo + c, len(pipes))
+            pad = c - (hi - lo)
+            x_c = torch.cat([x[lo:hi], x[lo:lo + 1].expand(pad, -1, -1, -1)]).detach()
+            p_c = pipes[lo:hi] + pipes[lo:lo + 1] * pad
+            with torch.set_grad_enabled(grad):
+                x_c.requires_grad_(grad)
+                out = self.logits(x_c, p_c, stage, grad=grad)[:hi - lo]
+                if grad:  # the sum keeps each pipeline's gradient its own
+                    g, = torch.autograd.grad(F.cross_entropy(out, y[lo:hi], reduction="sum"), x_c)
+                    grads.append(g[:hi - lo])
+            logits.append(out.detach())
+        return torch.cat(logits), (torch.cat(grads) if grad else None)
+
     def eot_gradient(self, x_adv, y, idx, step):
-        """Sum over EoT draws of d CE / d x, per image; draws run as a batch (draws x images) in
-        chunks of --chunk pipelines, and are summed in draw order so the result does not depend on
-        the batch size."""
+        """Sum over EoT draws of d CE / d x, per image. The draws run as a batch (draws x images) and
+        are summed in draw order."""
         n, eot = len(idx), self.args.eot
         pipes = [(i, step, d) for d in range(eot) for i in idx]
-        x_rep, y_rep = x_adv.repeat(eot, 1, 1, 1), y.repeat(eot)
-        grads = torch.empty_like(x_rep)
-        for lo in range(0, len(pipes), self.args.chunk):
-            hi = min(lo + self.args.chunk, len(pipes))
-            x_c = x_rep[lo:hi].detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss = F.cross_entropy(self.logits(x_c, pipes[lo:hi], ATTACK, grad=True), y_rep[lo:hi],
-                                       reduction="sum")
-                grads[lo:hi], = torch.autograd.grad(loss, x_c)
+        _, grads = self.run(x_adv.repeat(eot, 1, 1, 1), y.repeat(eot), pipes, ATTACK, grad=True)
         g = grads[:n]
         for d in range(1, eot):
             g = g + grads[d * n:(d + 1) * n]
@@ -167,14 +180,12 @@ def pgd_step(x, x_adv, g, args):
 
 def evaluate(defense, x, y, idx, stage, draws):
     """Predictions, correct fraction and CE loss over `draws` fresh purifications (draw 0 first)."""
-    preds, losses = [], []
-    with torch.no_grad():
-        for d in range(draws):
-            logits = defense.logits(x, [(i, defense.args.steps, d) for i in idx], stage)
-            preds.append(logits.argmax(1))
-            losses.append(F.cross_entropy(logits, y, reduction="none"))
-    preds = torch.stack(preds)
-    return preds[0], (preds == y).float().mean(0), losses[0]
+    n = len(idx)
+    pipes = [(i, defense.args.steps, d) for d in range(draws) for i in idx]
+    logits, _ = defense.run(x.repeat(draws, 1, 1, 1), y.repeat(draws), pipes, stage)
+    preds = logits.argmax(1).view(draws, n)
+    loss = F.cross_entropy(logits[:n], y, reduction="none")
+    return preds[0], (preds == y).float().mean(0), loss
 
 
 def attack_batch(defense, x, y, idx, on_step=None):
@@ -316,16 +327,14 @@ TINY_UNET_CONFIG = dict(sample_size=32, block_out_channels=[16, 32], layers_per_
 
 
 def synthetic_images(n_per_class, n_classes=10, size=32, seed=0):
-    """Images whose class is a colour (plus smooth noise and a random square): learnable in seconds."""
-    palette = torch.rand(n_classes, 3, 1, 1, generator=torch.Generator().manual_seed(1234))  # same every split
+    """Images whose class is a colour plus smooth noise: learnable in seconds."""
+    # class colours close together (about 0.1 apart), so an 8/255 attack can flip the bare classifier
+    palette = 0.45 + 0.1 * torch.rand(n_classes, 3, 1, 1, generator=torch.Generator().manual_seed(1234))
     g = torch.Generator().manual_seed(seed)
     n = n_per_class * n_classes
     labels = torch.arange(n_classes).repeat_interleave(n_per_class)
     noise = F.interpolate(torch.rand(n, 3, size // 8, size // 8, generator=g), size=size, mode="bilinear")
-    x = 0.7 * palette[labels] + 0.3 * noise
-    for k in range(n):  # an occluding square, so the classifier must look at the whole image
-        r, c = torch.randint(0, size - 8, (2,), generator=g).tolist()
-        x[k, :, r:r + 8, c:c + 8] = torch.rand(3, 1, 1, generator=g)
+    x = palette[labels] + 0.1 * (noise - 0.5)
     return (x * 255).round().to(torch.uint8), labels
 
 
@@ -378,7 +387,7 @@ def smoke(args):
     for defense, setting, norm in runs:
         out = os.path.join(args.out, f"smoke-{defense}-{setting}-{norm}")
         argv = ["--defense", defense, "--setting", setting, "--norm", norm, "--out", out, "--n", "8",
-                "--batch-size", "4", "--steps", "3", "--nfe", "5", "--semi-n", "3", "--device", "cpu",
+                "--batch-size", "4", "--chunk", "8", "--steps", "3", "--nfe", "5", "--semi-n", "3", "--device", "cpu",
                 "--ddpm", inputs["ddpm"], "--classifier", inputs["classifier"], "--data", inputs["data"]]
         if setting == "white-box" and defense != "none":
             argv += ["--eot", "2"]

@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--nfe", type=int, default=None, help="paper's NFE (default 100 for ddpm, 10 for ddim)")
     p.add_argument("--t-star", type=float, default=0.1, help="diffusion depth as a fraction of T")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic reverse)")
-    p.add_argument("--n", type=int, default=1024, help="first N images of the split")
+    p.add_argument("--n", "--num-images", dest="n", type=int, default=1024,
+                   help="first N images of the split (write --num-images under torchrun, which takes --n as its own)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=int, default=8, help="images in grid.png (0 = none)")

@@ -196,18 +196,20 @@ def train_step(model, unet, classifier, ema, opt, batches, alpha_bar, args, g_rn
         eps_mix = mix_noise(eps, delta, lam, args.perturb)
         x_t = noisy(x0, eps_mix, ab)
         sync = j == len(batches) - 1 or not isinstance(model, DDP)
-        with (model.no_sync() if not sync else torch.enable_grad()), amp():
-            eps_pred = model(x_t, t).float()
-            loss = F.mse_loss(eps_pred, eps_mix)
-            (loss / len(batches)).backward()
+        with model.no_sync() if not sync else torch.enable_grad():
+            with amp():
+                eps_pred = model(x_t, t).float()
+                loss = F.mse_loss(eps_pred, eps_mix)
+            (loss / len(batches)).backward()  # outside autocast, as torch.autocast asks
         stats["loss"] += loss.item() / len(batches)
-        if classifier is not None:
-            with torch.no_grad(), amp():
-                logits = classifier((x0_estimate(x_t, eps_pred.detach(), ab) + 1) / 2).float()
-            stats["cgpo_after"] += F.cross_entropy(logits, y).item() / len(batches)
-            stats["clf_acc"] += (logits.argmax(1) == y).float().mean().item() / len(batches)
-        if before is not None:
-            stats["cgpo_before"] += before.item() / len(batches)
+        with torch.no_grad(), amp():  # how well the final delta does against the model being trained
+            x0_hat = x0_estimate(x_t, eps_pred.detach(), ab)
+            if before is not None:  # the same objective as `before`, so the two are comparable
+                stats["cgpo_before"] += before.item() / len(batches)
+                stats["cgpo_after"] += guidance_loss(x0_hat, x0, y, classifier, args.guidance).item() / len(batches)
+            if classifier is not None:
+                logits = classifier((x0_hat.float() + 1) / 2)
+                stats["clf_acc"] += (logits.argmax(1) == y).float().mean().item() / len(batches)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     stats["grad_norm"] = grad_norm.item()
     if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):  # else main() stops
@@ -223,10 +225,23 @@ def build_unet(args):
         config = dict(DDPM_CIFAR10_CONFIG)
         if args.ddpm:
             sub = os.path.join(args.ddpm, "unet")
-            with open(os.path.join(sub if os.path.isdir(sub) else args.ddpm, "config.json")) as f:
+            path = os.path.join(sub if os.path.isdir(sub) else args.ddpm, "config.json")
+            if not os.path.isfile(path):
+                raise UserError(f"--init scratch --ddpm {args.ddpm}: no config.json there to take the architecture "
+                                "from (drop --ddpm for the DDPM CIFAR-10 UNet)")
+            with open(path) as f:
                 config = json.load(f)
         return UNet({**config, "dropout": args.dropout})
     return load_unet(args.ddpm, dropout=args.dropout)
+
+
+def trim_log(path, step):
+    """Drop the log rows after `step`: a run killed between checkpoints logged steps that resume repeats."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(rows)
 
 
 def export_ema(ema, out):
@@ -237,14 +252,15 @@ def export_ema(ema, out):
 def main(argv=None):
     args = parse_args(argv)
     d = Dist(args.device)
-    per_gpu = args.batch_size or args.global_batch // d.world
+    per_gpu = args.batch_size or max(args.global_batch // d.world, 1)  # at least 1: no division by 0 below
     accum = args.global_batch // (per_gpu * d.world)
-    if per_gpu < 1 or accum * per_gpu * d.world != args.global_batch:
+    if accum < 1 or accum * per_gpu * d.world != args.global_batch:
         raise UserError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {per_gpu} x "
                         f"{d.world} processes")
     precision = resolve_precision(args.precision, d.device)
     amp = lambda: autocast(d.device, precision)  # a fresh context each use
 
+    torch.manual_seed(args.seed)  # --init scratch: the same random weights for the same --seed
     unet = build_unet(args).to(d.device)
     classifier = None
     if args.classifier:
@@ -278,6 +294,7 @@ def main(argv=None):
     if d.master:
         os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "args.json"), vars(args))
+        trim_log(os.path.join(args.out, "log.jsonl"), step)
         print(f"ADDT: perturb {args.perturb}, guidance {args.guidance}, {total} steps of {args.global_batch} "
               f"({d.world} x {per_gpu} x {accum}), {precision}, from step {step}", flush=True)
 

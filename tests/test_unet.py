@@ -1,7 +1,6 @@
 """models/unet.py against diffusers' UNet2DModel (the oracle), from a non-zero random init so a zero-initialised
 layer cannot hide a mistake: outputs, gradients, checkpoint layouts, config fields and errors."""
 import json
-import os
 
 import pytest
 import torch
@@ -24,12 +23,16 @@ SMALL_C = {**SMALL, "attn_norm_num_groups": 4, "mid_block_scale_factor": 0.5, "b
 
 
 def randomise(model, seed=0):
-    """Every parameter N(0, 0.05), GroupNorm scales 1 + N(0, 0.05): nothing zero, activations stay O(1)."""
+    """Weights N(0, 1 / fan_in), biases N(0, 0.05), GroupNorm scales 1 + N(0, 0.05): nothing zero
+    (so a zero init cannot hide a mistake), and activations stay O(1) through the whole network."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            gain = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + gain)
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            else:
+                gain = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05 + gain)
     return model.eval()
 
 

@@ -1,0 +1,249 @@
+"""attack.py: exact gradients, the settings' noise sharing, projections, sharding and resume."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attack
+from attack import ATTACK, CLEAN, EVAL, Defense, noise_keys, pgd_step
+from common import UserError
+from diffusion import make_schedule, purify
+from models import build_classifier
+from models.unet import UNet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return attack.make_smoke_inputs(str(tmp_path_factory.mktemp("smoke")))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    unet = UNet({**attack.TINY_UNET_CONFIG, "sample_size": 16}).eval().requires_grad_(False)
+    clf = build_classifier("wrn-10-1", 10).eval().requires_grad_(False)
+    return unet, clf
+
+
+def args_for(setting, **kw):
+    """The attack's resolved flags, as parse_args gives them."""
+    kw = {"semi_n": 4, "steps": 3, "nfe": 5, "chunk": 4, **kw}
+    argv = ["--setting", setting] + [x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    return attack.parse_args(argv)
+
+
+def pipeline_loss(unet, clf, x, y, sched, eps, zs, grad_checkpoint):
+    return F.cross_entropy(clf(purify(unet, x, sched, eps, zs, grad_checkpoint=grad_checkpoint)), y,
+                           reduction="sum")
+
+
+def test_checkpointed_gradient_equals_plain_autograd(tiny):
+    unet, clf = tiny
+    sched = make_schedule("ddpm", 10)
+    x = torch.rand(3, 3, 16, 16)
+    y = torch.tensor([0, 1, 2])
+    eps, zs = torch.randn_like(x), torch.randn(sched.n_noise, *x.shape)
+    grads = []
+    for ckpt in (True, False):
+        xi = x.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(pipeline_loss(unet, clf, xi, y, sched, eps, zs, ckpt), xi)[0])
+    assert grads[0].abs().max() > 0
+    assert (grads[0] - grads[1]).abs().max() < 1e-5
+    assert all(p.grad is None for p in list(unet.parameters()) + list(clf.parameters()))
+
+
+def test_finite_differences_float64_dw_both(tiny):
+    """With every noise fixed (dw-both) the defended model is a deterministic function: its autograd
+    gradient matches central differences in float64 along random directions."""
+    unet, clf = (m.double() for m in tiny)
+    try:
+        sched = make_schedule("ddpm", 5)
+        g = torch.Generator().manual_seed(3)
+        x = torch.rand(2, 3, 16, 16, generator=g, dtype=torch.float64) * 0.8 + 0.1
+        y = torch.tensor([3, 7])
+        eps = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        zs = torch.randn((sched.n_noise, *x.shape), generator=g, dtype=torch.float64)
+        f = lambda z: pipeline_loss(unet, clf, z, y, sched, eps, zs, True)  # noqa: E731
+        xi = x.clone().requires_grad_(True)
+        grad = torch.autograd.grad(f(xi), xi)[0]
+        with torch.no_grad():
+            for _ in range(3):
+                v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+                # the pipeline has kinks (x0 clip, ReLU): a step may cross one, so two small steps are
+                # tried and the better must agree
+                err = min(abs((f(x + h * v) - f(x - h * v)) / (2 * h) - (grad * v).sum()) for h in (1e-7, 1e-8))
+                assert err < 1e-6 * max(1.0, abs((grad * v).sum()))
+    finally:
+        for m in tiny:
+            m.float()
+
+
+def keys(args, stage, step, draw, i=5):
+    return noise_keys(args, i, stage, step, draw)
+
+
+def test_white_box_draws_fresh_noise_everywhere():
+    a = args_for("white-box")
+    seen = [keys(a, ATTACK, s, d) for s in range(3) for d in range(a.eot)] + [keys(a, EVAL, 3, 0), keys(a, CLEAN, 3, 0)]
+    assert len({k[0] for k in seen}) == len(seen) and len({k[1] for k in seen}) == len(seen)
+    assert keys(a, ATTACK, 0, 0, i=1) != keys(a, ATTACK, 0, 0, i=2)  # images do not share noise
+
+
+def test_dw_fwd_fixes_only_the_forward_noise():
+    a = args_for("dw-fwd")
+    assert a.eot == 1
+    seen = [keys(a, ATTACK, s, 0) for s in range(3)] + [keys(a, EVAL, 3, 0)]
+    assert len({k[0] for k in seen}) == 1  # shared by every attack step and the evaluation
+    assert len({k[1] for k in seen}) == len(seen)  # reverse noise fresh each time
+
+
+def test_dw_both_fixes_everything_and_shares_it_with_evaluation():
+    a = args_for("dw-both")
+    seen = {keys(a, stage, s, 0) for stage in (ATTACK, EVAL, CLEAN) for s in range(3)}
+    assert len(seen) == 1
+    with pytest.raises(UserError, match="dw-both"):
+        args_for("dw-both", eot=3)
+
+
+def test_dw_semi_cycles_through_exactly_n_sets():
+    a = args_for("dw-semi", semi_n=4, eot=3, steps=5)  # 15 draws over 4 sets: cycles
+    used = [keys(a, ATTACK, s, d) for s in range(a.steps) for d in range(a.eot)]
+    assert len(set(used)) == 4
+    assert used[:4] == used[4:8]  # the cycle repeats in order
+    evals = {keys(a, EVAL, a.steps, d, i=i) for i in [5] for d in range(10)}
+    assert evals <= set(used)  # evaluation draws one of the N sets
+    assert args_for("dw-semi", semi_n=7).eot == 7  # default: EoT over the whole set
+
+
+def test_noise_reaches_the_purification(tiny):
+    """Through the real Defense: dw-both gives the attacker exactly the evaluated function,
+    white-box does not."""
+    unet, clf = tiny
+    x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
+    out = {}
+    for setting in ("dw-both", "white-box"):
+        a = args_for(setting)
+        d = Defense(a, unet, clf, make_schedule("ddpm", 5), torch.device("cpu"), "fp32")
+        with torch.no_grad():
+            out[setting] = [d.logits(x, [(0, 2, 0), (1, 2, 0)], ATTACK), d.logits(x, [(0, 3, 0), (1, 3, 0)], EVAL)]
+    assert torch.equal(*out["dw-both"])
+    assert not torch.allclose(*out["white-box"])
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_steps_stay_in_budget_and_image_range(norm):
+    a = args_for("white-box", norm=norm)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 8, 8, generator=g)
+    x[0] = 0.0  # corners of the image range
+    x[1] = 1.0
+    x_adv = x.clone()
+    for _ in range(30):
+        x_adv = pgd_step(x, x_adv, torch.randn(x.shape, generator=g) * 10, a)
+        d = (x_adv - x).flatten(1)
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        if norm == "linf":
+            assert d.abs().max() <= a.eps + 1e-7
+        else:
+            assert d.norm(dim=1).max() <= a.eps + 1e-6
+    assert (x_adv - x).abs().max() > 0.5 * a.step_size  # it moved
+
+
+def run_attack(inputs, out, *extra):
+    argv = ["--setting", "white-box", "--eot", "2", "--steps", "2", "--nfe", "5", "--n", "6",
+            "--chunk", "4", "--device", "cpu", "--out", str(out), "--ddpm", inputs["ddpm"],
+            "--classifier", inputs["classifier"], "--data", inputs["data"], *extra]
+    return attack.main(argv)
+
+
+def records(out):
+    return {i: r for i, r in sorted(attack.read_records(str(out)).items())}
+
+
+def test_records_do_not_depend_on_batch_size_processes_or_resume(inputs, tmp_path, monkeypatch):
+    s = run_attack(inputs, tmp_path / "b2", "--batch-size", "2")
+    run_attack(inputs, tmp_path / "b5", "--batch-size", "5")
+    ref = records(tmp_path / "b2")
+    assert sorted(ref) == list(range(6)) and records(tmp_path / "b5") == ref
+    for r in ref.values():
+        assert r["linf"] <= 8 / 255 + 1e-6
+    assert s["n"] == 6 and s["clean_accuracy"] == 100 * sum(r["clean_pred"] == r["label"] for r in ref.values()) / 6
+
+    # interrupted after the first batch, then resumed
+    calls = []
+    real_append = attack.append_records
+
+    def append_then_die(path, recs):
+        real_append(path, recs)
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attack, "append_records", append_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_attack(inputs, tmp_path / "resumed", "--batch-size", "4")
+    monkeypatch.setattr(attack, "append_records", real_append)
+    assert len(records(tmp_path / "resumed")) == 4
+    with pytest.raises(UserError, match="--resume"):
+        run_attack(inputs, tmp_path / "resumed", "--batch-size", "4")
+    run_attack(inputs, tmp_path / "resumed", "--batch-size", "4", "--resume")
+    assert records(tmp_path / "resumed") == ref
+
+    # two processes (gloo on CPU)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "attack.py", "--setting", "white-box", "--eot", "2", "--steps", "2", "--nfe", "5", "--num-images", "6",
+           "--chunk", "4", "--batch-size", "3", "--device", "cpu", "--out", str(tmp_path / "ddp"),
+           "--ddpm", inputs["ddpm"], "--classifier", inputs["classifier"], "--data", inputs["data"]]
+    # torchrun sets one thread per process unless told; CPU results depend on the thread count
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert records(tmp_path / "ddp") == ref
+    summary = json.load(open(tmp_path / "ddp" / "summary.json"))
+    assert summary["robust_accuracy"] == s["robust_accuracy"]
+    assert (tmp_path / "ddp" / "summary.md").read_text().startswith("| defense")
+
+
+def test_bare_classifier_is_broken(inputs, tmp_path):
+    """--defense none: PGD on a trained classifier drives robust accuracy to about 0."""
+    s = attack.main(["--defense", "none", "--n", "8", "--steps", "5", "--chunk", "8", "--device", "cpu",
+                     "--out", str(tmp_path), "--classifier", inputs["classifier"], "--data", inputs["data"]])
+    assert s["clean_accuracy"] == 100.0 and s["robust_accuracy"] == 0.0
+    assert s["timesteps"] == []
+
+
+def test_eval_draws_average(inputs, tmp_path):
+    s = run_attack(inputs, tmp_path, "--eval-draws", "3", "--steps", "1", "--n", "2")
+    rs = attack.read_records(str(tmp_path)).values()
+    assert all(r["robust_correct_frac"] in (0, 1 / 3, 2 / 3, 1) for r in rs)
+    assert "robust_accuracy_avg" in s
+
+
+def test_clear_errors(inputs, tmp_path):
+    with pytest.raises(UserError, match="--classifier"):
+        attack.main(["--ddpm", inputs["ddpm"], "--out", str(tmp_path)])
+    with pytest.raises(UserError, match="--ddpm"):
+        attack.main(["--classifier", inputs["classifier"], "--data", inputs["data"], "--out", str(tmp_path)])
+    with pytest.raises(UserError, match="does not divide"):
+        run_attack(inputs, tmp_path / "x", "--nfe", "7")
+    with pytest.raises(UserError, match="bare classifier"):
+        attack.main(["--defense", "none", "--setting", "dw-both", "--classifier", inputs["classifier"]])
+    with pytest.raises(UserError, match="holds"):
+        run_attack(inputs, tmp_path / "y", "--n", "100000")
+
+
+def test_smoke_preset_runs_every_setting(tmp_path, capsys):
+    attack.main(["--preset", "smoke", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    for setting in attack.SETTINGS:
+        assert setting in out
+    assert out.count("| ddpm |") >= 8 and "| none |" in out
