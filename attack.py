@@ -229,6 +229,22 @@ def append_records(path, records):
         os.fsync(f.fileno())
 
 
+RUN_ONLY_FLAGS = {"out", "resume", "batch_size", "device", "compile", "channels_last", "preset"}
+
+
+def check_same_attack(args):
+    """--resume must continue the same attack: records made under other flags would be mixed in."""
+    path = os.path.join(args.out, "args.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        changed = sorted(k for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS and k in before
+                         and before[k] != (list(v) if isinstance(v, tuple) else v))
+        if changed:
+            raise UserError(f"--resume with other settings than the records in {args.out} were made with "
+                            f"({', '.join(changed)}); use those settings or another --out")
+
+
 def summarize(args, sched, records, attacked, seconds, precision):
     """Accuracies over all records; speed over the images attacked in this run."""
     n = len(records)
@@ -258,11 +274,8 @@ def summary_row(s):
 
 # ---------------------------------------------------------------- main
 
-def load_defense(args, device):
-    if not args.classifier:
-        raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py), "
-                        "or run `python attack.py --preset smoke` to check an install without one")
-    classifier = load_classifier(args.classifier, arch=args.arch)
+def load_defense(args, device, num_classes):
+    classifier = load_classifier(args.classifier, arch=args.arch, num_classes=num_classes)
     sched = unet = None
     if args.defense != "none":
         sched = make_schedule(args.defense, args.nfe, args.t_star, args.eta)
@@ -277,13 +290,18 @@ def main(argv=None):
     if args.preset == "smoke":
         return smoke(args)
     d = Dist(args.device)
-    defense = load_defense(args, d.device)
+    if not args.classifier:
+        raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py), "
+                        "or run `python attack.py --preset smoke` to check an install without one")
     data = load_split(args.data, args.split)
     if args.n > len(data.labels):
         raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
+    defense = load_defense(args, d.device, len(data.classes))
     os.makedirs(args.out, exist_ok=True)
     if not args.resume and d.master and glob.glob(os.path.join(args.out, "records-*.jsonl")):
         raise UserError(f"{args.out} already holds records: pass --resume to continue, or another --out")
+    if args.resume:
+        check_same_attack(args)
     d.barrier()
     done = read_records(args.out) if args.resume else {}
     start, stop = shard(args.n, d.rank, d.world)

@@ -57,15 +57,10 @@ def load_inputs(args, device):
     if not args.classifier:
         raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py)")
     unet = load_unet(args.ddpm)
-    classifier = load_classifier(args.classifier, arch=args.arch)
     data = load_split(args.data, args.split)
     if args.n > len(data.labels):
         raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
-    with torch.no_grad():
-        n_classes = classifier(to_float(data.images[:1])).shape[1]
-    if n_classes != len(data.classes):
-        raise UserError(f"classifier predicts {n_classes} classes, {args.data} has {len(data.classes)}: "
-                        "pass the classifier trained on this data set")
+    classifier = load_classifier(args.classifier, arch=args.arch, num_classes=len(data.classes))
     unet = prepare_model(unet, device, args.channels_last, args.compile)
     classifier = prepare_model(classifier, device, args.channels_last, args.compile)
     return unet, classifier, data.images[:args.n], data.labels[:args.n]

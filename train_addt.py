@@ -262,16 +262,12 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)  # --init scratch: the same random weights for the same --seed
     unet = build_unet(args).to(d.device)
-    classifier = None
-    if args.classifier:
-        classifier = load_classifier(args.classifier, arch=args.arch).to(d.device).eval().requires_grad_(False)
     data = load_split(args.data, "train")
     images, labels = data.images.to(d.device), data.labels.to(d.device)
-    if classifier is not None:
-        with torch.no_grad():
-            n_classes = classifier(to_float(images[:1])).shape[1]
-        if n_classes != len(data.classes):
-            raise UserError(f"classifier predicts {n_classes} classes, {args.data} has {len(data.classes)}")
+    classifier = None
+    if args.classifier:
+        classifier = load_classifier(args.classifier, arch=args.arch, num_classes=len(data.classes))
+        classifier = classifier.to(d.device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     ema = EMA(unet, args.ema_inv_gamma, args.ema_power, args.ema_max_decay)
     step = 0

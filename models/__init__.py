@@ -111,8 +111,8 @@ def load_classifier(path, arch=None, num_classes=None, mean=None, std=None):
             raise UserError(f"checkpoint {path} holds a {obj['arch']}, not a {arch}; "
                             "drop --arch or pass the right checkpoint")
         if num_classes is not None and num_classes != obj["num_classes"]:
-            raise UserError(f"checkpoint {path} has {obj['num_classes']} classes, not {num_classes}; "
-                            "drop --num-classes or pass the right checkpoint")
+            raise UserError(f"checkpoint {path} has {obj['num_classes']} classes, the data have {num_classes}: "
+                            "pass the classifier trained on this data set")
         arch, num_classes, sd = obj["arch"], obj["num_classes"], obj["model"]
         mean = obj["mean"] if mean is None else mean
         std = obj["std"] if std is None else std

@@ -192,6 +192,8 @@ def test_records_do_not_depend_on_batch_size_processes_or_resume(inputs, tmp_pat
     assert len(records(tmp_path / "resumed")) == 4
     with pytest.raises(UserError, match="--resume"):
         run_attack(inputs, tmp_path / "resumed", "--batch-size", "4")
+    with pytest.raises(UserError, match="eot"):
+        run_attack(inputs, tmp_path / "resumed", "--batch-size", "4", "--resume", "--eot", "3")
     run_attack(inputs, tmp_path / "resumed", "--batch-size", "4", "--resume")
     assert records(tmp_path / "resumed") == ref
 
@@ -232,7 +234,7 @@ def test_clear_errors(inputs, tmp_path):
     with pytest.raises(UserError, match="--classifier"):
         attack.main(["--ddpm", inputs["ddpm"], "--out", str(tmp_path)])
     with pytest.raises(UserError, match="--ddpm"):
-        attack.main(["--classifier", inputs["classifier"], "--data", inputs["data"], "--out", str(tmp_path)])
+        attack.main(["--classifier", inputs["classifier"], "--data", inputs["data"], "--n", "8", "--out", str(tmp_path)])
     with pytest.raises(UserError, match="does not divide"):
         run_attack(inputs, tmp_path / "x", "--nfe", "7")
     with pytest.raises(UserError, match="bare classifier"):
