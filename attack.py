@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (autocast, Dist, Progress, UserError, markdown_table, prepare_model, resolve_precision,
+from common import (Dist, Progress, UserError, autocast, markdown_table, prepare_model, resolve_precision,
                     run_main, sample_seed, write_json)
 from data import load_split, shard, to_float
 from diffusion import keyed_noise, load_unet, make_schedule, purify
@@ -298,7 +298,7 @@ def main(argv=None):
         raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
     defense = load_defense(args, d.device, len(data.classes))
     os.makedirs(args.out, exist_ok=True)
-    if not args.resume and d.master and glob.glob(os.path.join(args.out, "records-*.jsonl")):
+    if not args.resume and glob.glob(os.path.join(args.out, "records-*.jsonl")):
         raise UserError(f"{args.out} already holds records: pass --resume to continue, or another --out")
     if args.resume:
         check_same_attack(args)

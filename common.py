@@ -87,6 +87,12 @@ def write_json(path, obj):
     atomic_write_bytes(path, write)
 
 
+def refuse_overwrite(path, resume):
+    """A run started without --resume must not silently replace an earlier run's results."""
+    if not resume and os.path.exists(path):
+        raise UserError(f"{path} exists: pass --resume to continue that run, or another --out")
+
+
 def load_checkpoint(path, what="checkpoint"):
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")

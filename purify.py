@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (autocast, Dist, Progress, UserError, markdown_table, prepare_model, resolve_precision,
+from common import (Dist, Progress, UserError, autocast, markdown_table, prepare_model, resolve_precision,
                     run_main, sample_seed, write_json)
 from data import load_split, shard, to_float
 from diffusion import keyed_noise, load_unet, make_schedule, purify

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (autocast, Dist, Progress, UserError, atomic_save, load_checkpoint, resolve_precision, run_main,
-                    sample_seed, write_json)
+from common import (Dist, Progress, UserError, atomic_save, autocast, load_checkpoint, refuse_overwrite,
+                    resolve_precision, run_main, sample_seed, write_json)
 from data import epoch_indices, load_split, random_crop_flip, to_float
 from diffusion import T, linear_alpha_bar, load_unet
 from kernels.rbgm import rbgm
@@ -272,6 +272,7 @@ def main(argv=None):
     ema = EMA(unet, args.ema_inv_gamma, args.ema_power, args.ema_max_decay)
     step = 0
     ckpt_path = os.path.join(args.out, "ckpt.pt")
+    refuse_overwrite(ckpt_path, args.resume)
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, "ADDT checkpoint")
         if ckpt["config"] != unet.config:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (Dist, Progress, UserError, atomic_save, autocast, format_seconds, load_checkpoint,
-                    markdown_table, resolve_precision, run_main, sample_seed, write_json)
+                    markdown_table, refuse_overwrite, resolve_precision, run_main, sample_seed, write_json)
 from data import epoch_indices, load_split, random_crop_flip, shard, to_float
 from models import CIFAR10_MEAN, CIFAR10_STD, build_classifier, classifier_checkpoint
 
@@ -144,6 +144,7 @@ def main(argv=None):
                           weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
     ckpt_path, history = os.path.join(args.out, "ckpt.pt"), []
+    refuse_overwrite(ckpt_path, args.resume)
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, "classifier training checkpoint")
         if ckpt.get("arch") != args.arch or "optimizer" not in ckpt:
