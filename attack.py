@@ -19,22 +19,19 @@ per image), summary.json, summary.md.
 import argparse
 import glob
 import json
-import math
 import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import (Dist, Progress, UserError, autocast, markdown_table, prepare_model, resolve_precision,
+from common import (Dist, Progress, UserError, autocast, markdown_table, refuse_overwrite, resolve_precision,
                     run_main, sample_seed, write_json)
-from data import load_split, shard, to_float
-from diffusion import keyed_noise, load_unet, make_schedule, purify
-from models import load_classifier
+from data import shard, to_float
+from diffusion import DEFAULT_NFE, add_purification_args, keyed_noise, load_inputs, make_schedule, purify
 
 SETTINGS = ["white-box", "dw-fwd", "dw-both", "dw-semi"]
 BUDGETS = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1)}  # (eps, step size) on [0, 1] images
-DEFAULT_NFE = {"ddpm": 100, "ddim": 10, "none": 1}
 ATTACK, EVAL, CLEAN, FIXED, SEMI, SEMI_PICK = range(6)  # key stages of the noise streams
 
 
@@ -51,24 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-draws", type=int, default=1,
                    help="also report robust accuracy averaged over K fresh purifications (1 = paper)")
     p.add_argument("--defense", choices=["ddpm", "ddim", "none"], default="ddpm")
-    p.add_argument("--nfe", type=int, default=None, help="paper's NFE (default 100 ddpm, 10 ddim)")
-    p.add_argument("--t-star", type=float, default=0.1)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--ddpm", help="diffusers-layout UNet directory")
-    p.add_argument("--classifier", help="classifier checkpoint")
-    p.add_argument("--arch", default=None, help="classifier arch for a RobustBench state dict")
-    p.add_argument("--data", default="cifar10")
-    p.add_argument("--split", default="test")
-    p.add_argument("--n", "--num-images", dest="n", type=int, default=1024,
-                   help="first N images of the split (write --num-images under torchrun, which takes --n as its own)")
+    add_purification_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="images attacked together")
     p.add_argument("--chunk", type=int, default=64,
                    help="pipelines (image x EoT draw) per forward/backward; results depend on it, not on --batch-size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--device", default=None)
     p.add_argument("--out", default="runs/attack")
     p.add_argument("--resume", action="store_true", help="skip images already in OUT/records-*.jsonl")
     p.add_argument("--preset", choices=["smoke"], default=None)
@@ -81,22 +64,20 @@ def check_args(args):
     eps, step = BUDGETS[args.norm]
     args.eps = eps if args.eps is None else args.eps
     args.step_size = step if args.step_size is None else args.step_size
-    args.nfe = args.nfe or DEFAULT_NFE[args.defense]
+    args.nfe = DEFAULT_NFE.get(args.defense, 1) if args.nfe is None else args.nfe
     default_eot = {"white-box": 10, "dw-fwd": 1, "dw-both": 1, "dw-semi": args.semi_n}[args.setting]
     if args.defense == "none":
         if args.eot not in (None, 1) or args.setting != "white-box":
             raise UserError("--defense none attacks the bare classifier: it has no randomness, so "
                             "--setting and --eot do not apply (leave them at their defaults)")
         default_eot = 1
-    args.eot = args.eot or default_eot
+    args.eot = default_eot if args.eot is None else args.eot
     if args.setting == "dw-both" and args.eot != 1:
         raise UserError("dw-both fixes every noise, so all EoT draws are the same: drop --eot")
     if args.setting == "dw-semi" and args.semi_n < 1:
         raise UserError("--semi-n must be at least 1")
     if min(args.eot, args.eval_draws, args.steps + 1, args.batch_size, args.chunk, args.n) < 1:
         raise UserError("--eot, --eval-draws, --batch-size, --chunk and --n must be positive")
-    if args.defense == "ddpm" and args.eta:
-        raise UserError("--eta applies to --defense ddim only")
     return args
 
 
@@ -126,11 +107,11 @@ class Defense:
 
     def logits(self, x, pipes, stage, grad=False):
         """x: (P, C, H, W) inputs; pipes: P tuples (image index, step, draw)."""
-        if self.sched is None:
-            return self.classifier(x).float()
-        keys = [noise_keys(self.args, i, stage, s, d) for i, s, d in pipes]
-        eps, zs = keyed_noise([k[0] for k in keys], [k[1] for k in keys], self.sched, x.shape[1:], self.device)
         with autocast(self.device, self.precision):
+            if self.sched is None:  # --defense none: the bare classifier
+                return self.classifier(x).float()
+            keys = [noise_keys(self.args, i, stage, s, d) for i, s, d in pipes]
+            eps, zs = keyed_noise([k[0] for k in keys], [k[1] for k in keys], self.sched, x.shape[1:], self.device)
             x_pur = purify(self.unet, x, self.sched, eps, zs, grad_checkpoint=grad)
             return self.classifier(x_pur.float()).float()
 
@@ -274,34 +255,18 @@ def summary_row(s):
 
 # ---------------------------------------------------------------- main
 
-def load_defense(args, device, num_classes):
-    classifier = load_classifier(args.classifier, arch=args.arch, num_classes=num_classes)
-    sched = unet = None
-    if args.defense != "none":
-        sched = make_schedule(args.defense, args.nfe, args.t_star, args.eta)
-        unet = prepare_model(load_unet(args.ddpm), device, args.channels_last, args.compile)
-    classifier = prepare_model(classifier, device, args.channels_last, args.compile)
-    precision = resolve_precision(args.precision, device)
-    return Defense(args, unet, classifier, sched, device, precision)
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.preset == "smoke":
         return smoke(args)
     d = Dist(args.device)
-    if not args.classifier:
-        raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py), "
-                        "or run `python attack.py --preset smoke` to check an install without one")
-    data = load_split(args.data, args.split)
-    if args.n > len(data.labels):
-        raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
-    defense = load_defense(args, d.device, len(data.classes))
-    os.makedirs(args.out, exist_ok=True)
-    if not args.resume and glob.glob(os.path.join(args.out, "records-*.jsonl")):
-        raise UserError(f"{args.out} already holds records: pass --resume to continue, or another --out")
+    refuse_overwrite(os.path.join(args.out, "args.json"), args.resume)
     if args.resume:
         check_same_attack(args)
+    sched = None if args.defense == "none" else make_schedule(args.defense, args.nfe, args.t_star, args.eta)
+    unet, classifier, images, labels = load_inputs(args, d.device, defended=sched is not None)
+    defense = Defense(args, unet, classifier, sched, d.device, resolve_precision(args.precision, d.device))
+    os.makedirs(args.out, exist_ok=True)
     d.barrier()
     done = read_records(args.out) if args.resume else {}
     start, stop = shard(args.n, d.rank, d.world)
@@ -315,8 +280,8 @@ def main(argv=None):
     t0 = time.time()
     for lo in range(0, len(todo), args.batch_size):
         idx = todo[lo:lo + args.batch_size]
-        x = to_float(data.images[idx].to(d.device))
-        y = data.labels[idx].to(d.device)
+        x = to_float(images[idx].to(d.device))
+        y = labels[idx].to(d.device)
         append_records(path, attack_batch(defense, x, y, idx, on_step=lambda: progress.update(len(idx))))
     attacked = int(d.all_sum(torch.tensor(len(todo), device=d.device)))
     if not d.master:

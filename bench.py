@@ -93,10 +93,8 @@ def peak_memory(fn, device):
 
 
 def amp(device, precision):
-    """common.autocast, plus bf16 on the CPU, which common.autocast leaves off (slow there: section 1 shows it)."""
-    if device.type == "cpu" and precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return autocast(device, precision)
+    """common.autocast after setting the TF32 switches this precision asks for."""
+    return autocast(device, resolve_precision(precision, device))
 
 
 # ---------------------------------------------------------------- 1. UNet forward and input gradient

@@ -178,16 +178,17 @@ def prepare_model(model, device, channels_last=False, compile=False):
 
 
 def resolve_precision(precision, device):
-    """'auto' is bf16 autocast on CUDA and fp32 elsewhere (on CPU bf16 gains little and costs accuracy)."""
+    """'auto' is bf16 autocast on CUDA and fp32 elsewhere (on CPU bf16 gains little and costs accuracy).
+    Sets the process-wide TF32 switches once: on for 'tf32' only."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     return precision
 
 
 def autocast(device, precision):
-    """bf16 autocast on CUDA for precision 'bf16'; tf32 matmuls for 'tf32'; plain fp32 otherwise."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-        if precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast for precision 'bf16' (CUDA or CPU); fp32 and tf32 run without autocast."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()

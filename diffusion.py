@@ -10,10 +10,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from common import UserError, randn_keyed
+from common import UserError, prepare_model, randn_keyed
+from data import load_split
 from kernels.ddpm_step import reverse_step
+from models import load_classifier
 
 T = 1000  # training timesteps
+DEFAULT_NFE = {"ddpm": 100, "ddim": 10}  # SPEC.md: DP_DDPM n = 1000, DP_DDIM n = 100 (tables 3, 5)
 
 
 def linear_alpha_bar(T=T, beta_start=1e-4, beta_end=0.02):
@@ -88,12 +91,10 @@ def make_schedule(sampler="ddpm", nfe=100, t_star=0.1, eta=0.0, T=T):
 
 
 def denoise_step(unet, x_t, t, z, coef):
-    """One reverse step: the UNet's epsilon, then the (fused) DDPM/DDIM update."""
-    n = x_t.shape[0]
-    eps = unet(x_t, torch.full((n,), t, device=x_t.device, dtype=torch.long))
-    a, b, c0, cx, ce, s = (c.to(device=x_t.device, dtype=torch.float32 if x_t.dtype != torch.float64
-                                else torch.float64).expand(n).contiguous() for c in coef)
-    return reverse_step(x_t, eps, z, a, b, c0, cx, ce, s)
+    """One reverse step: the UNet's epsilon, then the (fused) DDPM/DDIM update; coef is the step's
+    (a, b, c0, cx, ce, s), already on x_t's device."""
+    eps = unet(x_t, torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long))
+    return reverse_step(x_t, eps, z, *coef)
 
 
 def diffuse(x, eps, alpha_bar):
@@ -114,6 +115,7 @@ def purify(unet, x, sched, eps=None, zs=None, generator=None, grad_checkpoint=Fa
     if zs.shape[0] != sched.n_noise:
         raise ValueError(f"zs holds {zs.shape[0]} step noises, the schedule needs {sched.n_noise}")
     x_t = diffuse(x, eps, sched.alpha_bar_star)
+    coefs = sched.coefs.to(x.device)  # once: a host-to-device copy per step would stall the GPU
     if trace is not None:
         trace.append(x_t.detach())
     k = 0
@@ -121,9 +123,9 @@ def purify(unet, x, sched, eps=None, zs=None, generator=None, grad_checkpoint=Fa
         z = zs[k] if sched.noisy[i] else None
         k += sched.noisy[i]
         if grad_checkpoint and torch.is_grad_enabled():
-            x_t = checkpoint(denoise_step, unet, x_t, t, z, sched.coefs[i], use_reentrant=False)
+            x_t = checkpoint(denoise_step, unet, x_t, t, z, coefs[i], use_reentrant=False)
         else:
-            x_t = denoise_step(unet, x_t, t, z, sched.coefs[i])
+            x_t = denoise_step(unet, x_t, t, z, coefs[i])
         if trace is not None:
             trace.append(x_t.detach())
     return (x_t + 1) / 2
@@ -137,7 +139,7 @@ def keyed_noise(eps_keys, zs_keys, sched, shape, device):
     if sched.n_noise == 0:
         return eps, eps.new_zeros((0, len(zs_keys), *shape))
     zs = randn_keyed(zs_keys, (sched.n_noise, *shape), device, g)
-    return eps, zs.transpose(0, 1)
+    return eps, zs.transpose(0, 1).contiguous()  # each zs[k] contiguous: the fused step reads it as is
 
 
 def load_unet(path, **overrides):
@@ -154,3 +156,39 @@ def load_unet(path, **overrides):
         raise UserError(f"{e}; {hint}") from e
     except ValueError as e:
         raise UserError(f"diffusion model {path} does not match its config: {e}") from e
+
+
+def add_purification_args(p):
+    """The flags purify.py and attack.py share: models, data, schedule, speed settings."""
+    p.add_argument("--ddpm", help="diffusers-layout UNet directory (e.g. google/ddpm-cifar10-32)")
+    p.add_argument("--classifier", help="classifier checkpoint (train_classifier.py or RobustBench layout)")
+    p.add_argument("--arch", default=None, help="classifier arch for a RobustBench state dict (default wrn-28-10)")
+    p.add_argument("--data", default="cifar10", help="data set name or path (see data.py)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", "--num-images", dest="n", type=int, default=1024,
+                   help="first N images of the split (write --num-images under torchrun, which takes --n as its own)")
+    p.add_argument("--nfe", type=int, default=None, help="paper's NFE (default 100 for ddpm, 10 for ddim)")
+    p.add_argument("--t-star", type=float, default=0.1, help="diffusion depth as a fraction of T")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic reverse)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+
+
+def load_inputs(args, device, defended=True):
+    """UNet (None when undefended), classifier and the first N images, checked against each other
+    (cheap checks first)."""
+    if not args.classifier:
+        raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py; "
+                        "`python attack.py --preset smoke` checks an install without one)")
+    unet = load_unet(args.ddpm) if defended else None
+    data = load_split(args.data, args.split)
+    if args.n > len(data.labels):
+        raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
+    classifier = load_classifier(args.classifier, arch=args.arch, num_classes=len(data.classes))
+    if unet is not None:
+        unet = prepare_model(unet, device, args.channels_last, args.compile)
+    classifier = prepare_model(classifier, device, args.channels_last, args.compile)
+    return unet, classifier, data.images[:args.n], data.labels[:args.n]

@@ -17,53 +17,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (Dist, Progress, UserError, autocast, markdown_table, prepare_model, resolve_precision,
+from common import (Dist, Progress, autocast, markdown_table, resolve_precision,
                     run_main, sample_seed, write_json)
-from data import load_split, shard, to_float
-from diffusion import keyed_noise, load_unet, make_schedule, purify
-from models import load_classifier
+from data import shard, to_float
+from diffusion import DEFAULT_NFE, add_purification_args, keyed_noise, load_inputs, make_schedule, purify
 
-DEFAULT_NFE = {"ddpm": 100, "ddim": 10}  # SPEC.md: DP_DDPM n = 1000, DP_DDIM n = 100 (tables 3, 5)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ddpm", help="diffusers-layout UNet directory (e.g. google/ddpm-cifar10-32)")
-    p.add_argument("--classifier", help="classifier checkpoint (train_classifier.py or RobustBench layout)")
-    p.add_argument("--arch", default=None, help="classifier arch for a RobustBench state dict (default wrn-28-10)")
-    p.add_argument("--data", default="cifar10", help="data set path or name (see data.py)")
-    p.add_argument("--split", default="test")
+    add_purification_args(p)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--nfe", type=int, default=None, help="paper's NFE (default 100 for ddpm, 10 for ddim)")
-    p.add_argument("--t-star", type=float, default=0.1, help="diffusion depth as a fraction of T")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic reverse)")
-    p.add_argument("--n", "--num-images", dest="n", type=int, default=1024,
-                   help="first N images of the split (write --num-images under torchrun, which takes --n as its own)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=int, default=8, help="images in grid.png (0 = none)")
-    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--device", default=None)
     p.add_argument("--out", default="runs/purify")
     args = p.parse_args(argv)
-    args.nfe = args.nfe or DEFAULT_NFE[args.sampler]
+    args.nfe = DEFAULT_NFE[args.sampler] if args.nfe is None else args.nfe
     return args
-
-
-def load_inputs(args, device):
-    """UNet, classifier and the first N images, checked against each other."""
-    if not args.classifier:
-        raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py)")
-    unet = load_unet(args.ddpm)
-    data = load_split(args.data, args.split)
-    if args.n > len(data.labels):
-        raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
-    classifier = load_classifier(args.classifier, arch=args.arch, num_classes=len(data.classes))
-    unet = prepare_model(unet, device, args.channels_last, args.compile)
-    classifier = prepare_model(classifier, device, args.channels_last, args.compile)
-    return unet, classifier, data.images[:args.n], data.labels[:args.n]
 
 
 def image_noise(args, sched, idx, shape, device):

@@ -126,7 +126,7 @@ def test_noise_reaches_the_purification(tiny):
     """Through the real Defense: dw-both gives the attacker exactly the evaluated function,
     white-box does not."""
     unet, clf = tiny
-    x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
+    x = torch.rand(2, 3, 16, 16)
     out = {}
     for setting in ("dw-both", "white-box"):
         a = args_for(setting)

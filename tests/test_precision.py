@@ -3,18 +3,17 @@ attack gradient), torch.compile and channels_last.
 
 Every bound was chosen from measurements on the CPU (torch 2.13, one thread) with the tiny UNet of
 attack.TINY_UNET_CONFIG and a WRN-10-1, random weights, seeds 0-3; each test's comment gives the worst
-case measured. bf16 on the CPU is torch.autocast("cpu") directly, since common.autocast keeps the CPU
-in fp32. The CUDA variants run the scripts' own path (common.autocast, the fused step kernel); their
+case measured. bf16 on the CPU is common.autocast with an explicit "bf16" ('auto' keeps the CPU in
+fp32). The CUDA variants run the scripts' own path (common.autocast, the fused step kernel); their
 bounds were not measured on a GPU (see LAYOUT_TOL)."""
 import copy
-from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attack
-from common import autocast, prepare_model
+from common import autocast, prepare_model, resolve_precision
 from diffusion import diffuse, linear_alpha_bar, make_schedule, purify
 from models import build_classifier
 from models.unet import UNet
@@ -42,13 +41,13 @@ def on(device, *modules):
 
 
 def bf16(device):
-    """bf16 autocast as the scripts enter it on CUDA; on the CPU torch.autocast directly."""
-    device = torch.device(device)
-    return autocast(device, "bf16") if device.type == "cuda" else torch.autocast("cpu", dtype=torch.bfloat16)
+    """bf16 autocast as the scripts enter it."""
+    return autocast(torch.device(device), "bf16")
 
 
 def fp32(device):
-    return autocast(torch.device(device), "fp32")  # on CUDA this also turns TF32 off
+    device = torch.device(device)
+    return autocast(device, resolve_precision("fp32", device))  # on CUDA this also turns TF32 off
 
 
 def inputs(device, n=8, nfe=5):
@@ -94,10 +93,8 @@ def test_purification_bf16_max_error(models, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_attack_gradient_bf16_cosine(models, device, monkeypatch):
+def test_attack_gradient_bf16_cosine(models, device):
     """Defense.eot_gradient at precision bf16 and fp32: the whole attack path, checkpointing included."""
-    if device == "cpu":  # Defense enters common.autocast, which keeps the CPU in fp32
-        monkeypatch.setattr(attack, "autocast", lambda d, p: bf16(d) if p == "bf16" else nullcontext())
     unet, clf = on(device, *models)
     x, sched, _, _ = inputs(device, n=4)
     y = torch.tensor([0, 3, 5, 9], device=device)
