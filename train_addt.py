@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (Dist, Progress, UserError, atomic_save, autocast, load_checkpoint, refuse_overwrite,
-                    resolve_precision, run_main, sample_seed, write_json)
+from common import (Dist, Progress, UserError, atomic_save, autocast, load_checkpoint, prepare_model,
+                    refuse_overwrite, resolve_precision, run_main, sample_seed, write_json)
 from data import epoch_indices, load_split, random_crop_flip, to_float
 from diffusion import T, linear_alpha_bar, load_unet
 from kernels.rbgm import rbgm
@@ -182,7 +182,7 @@ class EMA:
 def train_step(model, unet, classifier, ema, opt, batches, alpha_bar, args, g_rng, amp):
     """One optimisation step over the micro-batches (x0 in [-1, 1], y): CGPO, then the epsilon-MSE
     loss against the mixed noise (equal to the paper's weighted x0 loss, eq. 8)."""
-    stats = {"loss": 0.0, "cgpo_before": 0.0, "cgpo_after": 0.0, "clf_acc": 0.0}
+    stats = {k: torch.zeros((), device=batches[0][0].device) for k in ("loss", "cgpo_before", "cgpo_after", "clf_acc")}
     opt.zero_grad(set_to_none=True)
     for j, (x0, y) in enumerate(batches):
         t = torch.randint(0, T, (len(x0),), generator=g_rng, device=x0.device)
@@ -201,17 +201,18 @@ def train_step(model, unet, classifier, ema, opt, batches, alpha_bar, args, g_rn
                 eps_pred = model(x_t, t).float()
                 loss = F.mse_loss(eps_pred, eps_mix)
             (loss / len(batches)).backward()  # outside autocast, as torch.autocast asks
-        stats["loss"] += loss.item() / len(batches)
+        stats["loss"] += loss.detach() / len(batches)
         with torch.no_grad(), amp():  # how well the final delta does against the model being trained
             x0_hat = x0_estimate(x_t, eps_pred.detach(), ab)
+            logits = None if classifier is None else classifier((x0_hat.float() + 1) / 2).float()
             if before is not None:  # the same objective as `before`, so the two are comparable
-                stats["cgpo_before"] += before.item() / len(batches)
-                stats["cgpo_after"] += guidance_loss(x0_hat, x0, y, classifier, args.guidance).item() / len(batches)
-            if classifier is not None:
-                logits = classifier((x0_hat.float() + 1) / 2)
-                stats["clf_acc"] += (logits.argmax(1) == y).float().mean().item() / len(batches)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    stats["grad_norm"] = grad_norm.item()
+                after = F.mse_loss(x0_hat.float(), x0) if args.guidance == "mse" else F.cross_entropy(logits, y)
+                stats["cgpo_before"] += before / len(batches)
+                stats["cgpo_after"] += after / len(batches)
+            if logits is not None:
+                stats["clf_acc"] += (logits.argmax(1) == y).float().mean() / len(batches)
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    stats = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one host sync per step
     if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):  # else main() stops
         opt.step()
         ema.update(unet)
@@ -252,6 +253,8 @@ def export_ema(ema, out):
 def main(argv=None):
     args = parse_args(argv)
     d = Dist(args.device)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    refuse_overwrite(ckpt_path, args.resume)  # before any loading
     per_gpu = args.batch_size or max(args.global_batch // d.world, 1)  # at least 1: no division by 0 below
     accum = args.global_batch // (per_gpu * d.world)
     if accum < 1 or accum * per_gpu * d.world != args.global_batch:
@@ -266,13 +269,11 @@ def main(argv=None):
     images, labels = data.images.to(d.device), data.labels.to(d.device)
     classifier = None
     if args.classifier:
-        classifier = load_classifier(args.classifier, arch=args.arch, num_classes=len(data.classes))
-        classifier = classifier.to(d.device).eval().requires_grad_(False)
+        classifier = prepare_model(load_classifier(args.classifier, arch=args.arch, num_classes=len(data.classes)),
+                                   d.device)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     ema = EMA(unet, args.ema_inv_gamma, args.ema_power, args.ema_max_decay)
     step = 0
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    refuse_overwrite(ckpt_path, args.resume)
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, "ADDT checkpoint")
         if ckpt["config"] != unet.config:
@@ -302,10 +303,12 @@ def main(argv=None):
     progress = Progress(total - step, "addt", "steps", every=30, enabled=d.master)
     window, t_window = [], time.time()
     unet.train()
+    order = {}  # this epoch's image order, made once per epoch
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
-        idx = epoch_indices(len(labels), epoch, args.seed, d.rank, d.world)
-        idx = idx[k * per_gpu * accum:(k + 1) * per_gpu * accum].to(d.device)
+        if epoch not in order:
+            order = {epoch: epoch_indices(len(labels), epoch, args.seed, d.rank, d.world).to(d.device)}
+        idx = order[epoch][k * per_gpu * accum:(k + 1) * per_gpu * accum]
         torch.manual_seed(sample_seed(args.seed, d.rank, step, 0))  # dropout
         g_rng = torch.Generator(device=d.device).manual_seed(sample_seed(args.seed, d.rank, step, 1))
         batches = [(2 * random_crop_flip(to_float(images[i]), pad=0, generator=g_rng) - 1, labels[i])

@@ -122,6 +122,7 @@ def checkpoint(classifier, args, history, opt=None, sched=None):
 def main(argv=None):
     args = parse_args(argv)
     d = Dist(args.device)
+    refuse_overwrite(os.path.join(args.out, "ckpt.pt"), args.resume)  # before any loading
     if args.global_batch % d.world:
         raise UserError(f"--global-batch {args.global_batch} does not split evenly over {d.world} processes")
     per_rank = args.global_batch // d.world
@@ -144,7 +145,6 @@ def main(argv=None):
                           weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
     ckpt_path, history = os.path.join(args.out, "ckpt.pt"), []
-    refuse_overwrite(ckpt_path, args.resume)
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, "classifier training checkpoint")
         if ckpt.get("arch") != args.arch or "optimizer" not in ckpt:
