@@ -1,8 +1,8 @@
 """Small helpers shared by the scripts: errors for bad input, torchrun set-up, atomic writes,
-RNG state, per-sample seeds and a progress line with ETA."""
+per-sample seeds (all randomness is keyed, so no RNG state is saved), precision and a progress line
+with ETA."""
 import json
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -58,14 +58,6 @@ class Dist:
         if self.ddp:
             dist.barrier()
 
-    def all_gather_objects(self, obj):
-        """A list with every rank's obj (rank order); [obj] in one process."""
-        if not self.ddp:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
 
 def atomic_write_bytes(path, write):
     """write(tmp_path) then rename, so an interruption never leaves a half-written file."""
@@ -100,21 +92,6 @@ def load_checkpoint(path, what="checkpoint"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise UserError(f"could not read {what} {path}: {e}") from e
-
-
-def rng_states():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_states(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def sample_seed(*key):

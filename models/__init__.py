@@ -85,7 +85,7 @@ def _num_classes(sd, path):
     weights = [v for k, v in sd.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 2]
     w = sd.get("fc.weight", weights[-1] if weights else None)
     if w is None:
-        raise UserError(f"cannot tell the number of classes of {path} (no fc.weight); pass --num-classes")
+        raise UserError(f"cannot tell the number of classes of {path}: it has no fc.weight nor any Linear weight")
     return w.shape[0]
 
 

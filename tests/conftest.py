@@ -11,3 +11,30 @@ if not torch.cuda.is_available():
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def smoke_inputs(tmp_path_factory):
+    """The tiny UNet, classifier and generated images of attack.py's smoke preset, made once."""
+    from attack import make_smoke_inputs
+    return make_smoke_inputs(str(tmp_path_factory.mktemp("smoke")))
+
+
+@pytest.fixture
+def torchrun():
+    """run(script, *args): the script in 2 gloo processes on the CPU (cwd = repo root), finished."""
+    def run(script, *args, timeout=300):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               str(script), *map(str, args)]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return run

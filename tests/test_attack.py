@@ -1,9 +1,5 @@
 """attack.py: exact gradients, the settings' noise sharing, projections, sharding and resume."""
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,12 +12,9 @@ from diffusion import make_schedule, purify
 from models import build_classifier
 from models.unet import UNet
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return attack.make_smoke_inputs(str(tmp_path_factory.mktemp("smoke")))
+def inputs(smoke_inputs):
+    return smoke_inputs
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +160,7 @@ def records(out):
     return {i: r for i, r in sorted(attack.read_records(str(out)).items())}
 
 
-def test_records_do_not_depend_on_batch_size_processes_or_resume(inputs, tmp_path, monkeypatch):
+def test_records_do_not_depend_on_batch_size_processes_or_resume(inputs, tmp_path, monkeypatch, torchrun):
     s = run_attack(inputs, tmp_path / "b2", "--batch-size", "2")
     run_attack(inputs, tmp_path / "b5", "--batch-size", "5")
     ref = records(tmp_path / "b2")
@@ -197,17 +190,11 @@ def test_records_do_not_depend_on_batch_size_processes_or_resume(inputs, tmp_pat
     run_attack(inputs, tmp_path / "resumed", "--batch-size", "4", "--resume")
     assert records(tmp_path / "resumed") == ref
 
-    # two processes (gloo on CPU)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "attack.py", "--setting", "white-box", "--eot", "2", "--steps", "2", "--nfe", "5", "--num-images", "6",
-           "--chunk", "4", "--batch-size", "3", "--device", "cpu", "--out", str(tmp_path / "ddp"),
-           "--ddpm", inputs["ddpm"], "--classifier", inputs["classifier"], "--data", inputs["data"]]
-    # torchrun sets one thread per process unless told; CPU results depend on the thread count
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    # two processes (gloo on CPU, one thread each like the runs above: CPU results depend on the thread count)
+    proc = torchrun("attack.py", "--setting", "white-box", "--eot", "2", "--steps", "2", "--nfe", "5",
+                    "--num-images", "6", "--chunk", "4", "--batch-size", "3", "--device", "cpu",
+                    "--out", tmp_path / "ddp", "--ddpm", inputs["ddpm"], "--classifier", inputs["classifier"],
+                    "--data", inputs["data"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert records(tmp_path / "ddp") == ref
     summary = json.load(open(tmp_path / "ddp" / "summary.json"))

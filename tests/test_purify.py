@@ -1,7 +1,6 @@
 """purify.py end to end on the tiny smoke models: outputs, sharding and clear errors."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,8 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return attack.make_smoke_inputs(str(tmp_path_factory.mktemp("smoke")))
+def inputs(smoke_inputs):
+    return smoke_inputs
 
 
 def argv(inputs, out, *extra):
@@ -26,7 +25,7 @@ def argv(inputs, out, *extra):
             "--nfe", "5", "--num-images", "12", "--batch-size", "5", "--device", "cpu", "--out", str(out), *extra]
 
 
-def test_outputs_and_sharded_totals(inputs, tmp_path):
+def test_outputs_and_sharded_totals(inputs, tmp_path, torchrun):
     res = purify.main(argv(inputs, tmp_path / "one"))
     saved = json.load(open(tmp_path / "one" / "results.json"))
     assert saved["timesteps"] == [100, 80, 60, 40, 20, 0] == res["timesteps"]
@@ -38,12 +37,7 @@ def test_outputs_and_sharded_totals(inputs, tmp_path):
 
     # another batch size gives the same totals; so do two processes
     assert purify.main(argv(inputs, tmp_path / "b3", "--batch-size", "3"))["purified_accuracy"] == res["purified_accuracy"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "purify.py", *argv(inputs, tmp_path / "ddp")]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = torchrun("purify.py", *argv(inputs, tmp_path / "ddp"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = json.load(open(tmp_path / "ddp" / "results.json"))
     assert (ddp["classifier_accuracy"], ddp["purified_accuracy"]) == (res["classifier_accuracy"], res["purified_accuracy"])

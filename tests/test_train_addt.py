@@ -6,7 +6,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,7 +17,6 @@ import torch.nn.functional as F
 
 import purify
 import train_addt
-from attack import make_smoke_inputs
 from common import UserError
 from data import load_split, to_float
 from diffusion import linear_alpha_bar, load_unet
@@ -29,19 +27,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("images_per_s",)  # the only log entries that may differ between runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny, so a second OpenMP thread only adds synchronisation; on cores shared
-    with other jobs a spinning second thread made one UNet forward 50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, one_thread):
-    return make_smoke_inputs(str(tmp_path_factory.mktemp("addt-inputs")))
+def inputs(smoke_inputs):
+    return smoke_inputs
 
 
 @pytest.fixture(scope="module")
@@ -282,20 +270,11 @@ def test_resume_is_exact(inputs, tmp_path, monkeypatch):
     assert logs[0] == logs[1] and len(logs[0]) == 6
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_torchrun_then_purify(inputs, tmp_path):
+def test_torchrun_then_purify(inputs, tmp_path, torchrun):
     """Two gloo processes fine-tune, two micro-batches each per step (no_sync on the first);
     purify.py loads the exported EMA weights."""
     out = tmp_path / "addt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "train_addt.py", *flags(inputs, out, "--max-steps", "2", "--batch-size", "1", "--cgpo-iters", "2")]
-    p = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=120)
+    p = torchrun("train_addt.py", *flags(inputs, out, "--max-steps", "2", "--batch-size", "1", "--cgpo-iters", "2"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 steps of 4 (2 x 1 x 2)" in p.stdout and "done: 2 steps" in p.stdout
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
@@ -330,15 +309,12 @@ run_main(main)
 """
 
 
-def test_torchrun_ranks_agree(inputs, tmp_path):
+def test_torchrun_ranks_agree(inputs, tmp_path, torchrun):
     """Gradient averaging works with accumulation (no_sync on all but the last micro-batch): both ranks
     hold the same weights and EMA after the run, and these moved away from the start."""
     script, gathered = tmp_path / "ranks_agree.py", tmp_path / "weights.pt"
     script.write_text(RANKS_AGREE.format(repo=REPO, out=str(gathered)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(script), *flags(inputs, tmp_path / "addt", "--max-steps", "2", "--batch-size", "1", "--cgpo-iters", "1")]
-    p = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=120)
+    p = torchrun(script, *flags(inputs, tmp_path / "addt", "--max-steps", "2", "--batch-size", "1", "--cgpo-iters", "1"))
     assert p.returncode == 0, p.stdout + p.stderr
     w = torch.load(gathered, weights_only=True)  # (rank, online / EMA, parameters)
     assert torch.equal(w[0], w[1])

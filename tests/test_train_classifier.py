@@ -1,8 +1,5 @@
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -94,21 +91,8 @@ def test_resume_is_exact(folder, tmp_path, monkeypatch):
         assert torch.equal(v["momentum_buffer"], cb["optimizer"]["state"][k]["momentum_buffer"])
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "train_classifier.py", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-
-
-def test_torchrun_two_processes(folder, tmp_path):
-    p = torchrun(*flags(folder, tmp_path, "--epochs", "1", "--max-steps-per-epoch", "3"))
+def test_torchrun_two_processes(folder, tmp_path, torchrun):
+    p = torchrun("train_classifier.py", *flags(folder, tmp_path, "--epochs", "1", "--max-steps-per-epoch", "3"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "(2 x 8)" in p.stdout and "| arch |" in p.stdout
     classifier = load_classifier(str(tmp_path / "classifier.pt"), arch="wrn-10-1")
@@ -117,8 +101,8 @@ def test_torchrun_two_processes(folder, tmp_path):
     assert results["world"] == 2 and results["eval_n"] == 30
 
 
-def test_torchrun_batch_must_split(folder, tmp_path):
-    p = torchrun(*flags(folder, tmp_path, "--global-batch", "15"))
+def test_torchrun_batch_must_split(folder, tmp_path, torchrun):
+    p = torchrun("train_classifier.py", *flags(folder, tmp_path, "--global-batch", "15"))
     assert p.returncode != 0 and "error: --global-batch 15 does not split evenly over 2 processes" in p.stderr
 
 
