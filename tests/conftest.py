@@ -31,10 +31,14 @@ def smoke_inputs(tmp_path_factory):
 def torchrun():
     """run(script, *args): the script in 2 gloo processes on the CPU (cwd = repo root), finished."""
     def run(script, *args, timeout=300):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               str(script), *map(str, args)]
-        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        for _ in range(3):  # a free port can be taken by another process before torchrun binds it
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                   str(script), *map(str, args)]
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+            if "address already in use" not in proc.stderr.lower():
+                return proc
+        return proc
     return run
