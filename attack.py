@@ -25,10 +25,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (Dist, Progress, UserError, autocast, markdown_table, refuse_overwrite, resolve_precision,
+from addt_common import (Dist, Progress, UserError, autocast, markdown_table, refuse_overwrite, resolve_precision,
                     run_main, sample_seed, write_json)
-from data import shard, to_float
-from diffusion import DEFAULT_NFE, add_purification_args, keyed_noise, load_inputs, make_schedule, purify
+from addt_data import shard, to_float
+from addt_diffusion import DEFAULT_NFE, add_purification_args, keyed_noise, load_inputs, make_schedule, purify
 
 SETTINGS = ["white-box", "dw-fwd", "dw-both", "dw-semi"]
 BUDGETS = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1)}  # (eps, step size) on [0, 1] images
@@ -332,7 +332,7 @@ def make_smoke_inputs(root, n_per_class=20, train_steps=60, seed=0):
 
     from models import build_classifier, classifier_checkpoint
     from models.unet import UNet
-    from common import atomic_save
+    from addt_common import atomic_save
     paths = {"data": os.path.join(root, "images.zip"), "classifier": os.path.join(root, "classifier.pt"),
              "ddpm": os.path.join(root, "unet")}
     if all(os.path.exists(p) for p in paths.values()):

@@ -24,8 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import attack
 import train_addt
-from common import autocast, format_seconds, markdown_table, prepare_model, resolve_precision, write_json
-from diffusion import linear_alpha_bar, make_schedule
+from addt_common import autocast, format_seconds, markdown_table, prepare_model, resolve_precision, write_json
+from addt_diffusion import linear_alpha_bar, make_schedule
 from kernels import rbgm as rbgm_module
 from kernels.ddpm_step import reverse_step, step_reference
 from kernels.rbgm import rbgm, rbgm_reference, sorted_normal_rows
@@ -93,7 +93,7 @@ def peak_memory(fn, device):
 
 
 def amp(device, precision):
-    """common.autocast after setting the TF32 switches this precision asks for."""
+    """addt_common.autocast after setting the TF32 switches this precision asks for."""
     return autocast(device, resolve_precision(precision, device))
 
 

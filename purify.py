@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (Dist, Progress, autocast, markdown_table, resolve_precision,
+from addt_common import (Dist, Progress, autocast, markdown_table, resolve_precision,
                     run_main, sample_seed, write_json)
-from data import shard, to_float
-from diffusion import DEFAULT_NFE, add_purification_args, keyed_noise, load_inputs, make_schedule, purify
+from addt_data import shard, to_float
+from addt_diffusion import DEFAULT_NFE, add_purification_args, keyed_noise, load_inputs, make_schedule, purify
 
 
 

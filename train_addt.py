@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (Dist, Progress, UserError, atomic_save, autocast, load_checkpoint, prepare_model,
+from addt_common import (Dist, Progress, UserError, atomic_save, autocast, load_checkpoint, prepare_model,
                     refuse_overwrite, resolve_precision, run_main, sample_seed, write_json)
-from data import epoch_indices, load_split, random_crop_flip, to_float
-from diffusion import T, linear_alpha_bar, load_unet
+from addt_data import epoch_indices, load_split, random_crop_flip, to_float
+from addt_diffusion import T, linear_alpha_bar, load_unet
 from kernels.rbgm import rbgm
 from models import load_classifier
 from models.unet import DDPM_CIFAR10_CONFIG, UNet

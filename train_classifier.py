@@ -24,9 +24,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (Dist, Progress, UserError, atomic_save, autocast, format_seconds, load_checkpoint,
+from addt_common import (Dist, Progress, UserError, atomic_save, autocast, format_seconds, load_checkpoint,
                     markdown_table, refuse_overwrite, resolve_precision, run_main, sample_seed, write_json)
-from data import epoch_indices, load_split, random_crop_flip, shard, to_float
+from addt_data import epoch_indices, load_split, random_crop_flip, shard, to_float
 from models import CIFAR10_MEAN, CIFAR10_STD, build_classifier, classifier_checkpoint
 
 

@@ -10,7 +10,7 @@ import re
 import torch
 import torch.nn as nn
 
-from common import UserError, load_checkpoint
+from addt_common import UserError, load_checkpoint
 from models.resnet import ResNet50
 from models.vgg import VGG16
 from models.wrn import WideResNet, load_robustbench_state_dict, robustbench_state_dict

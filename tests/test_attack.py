@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 import attack
 from attack import ATTACK, CLEAN, EVAL, Defense, noise_keys, pgd_step
-from common import UserError
-from diffusion import make_schedule, purify
+from addt_common import UserError
+from addt_diffusion import make_schedule, purify
 from models import build_classifier
 from models.unet import UNet
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-from common import UserError
+import addt_data as data
+from addt_common import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_JPEG = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg")

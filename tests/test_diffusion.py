@@ -5,8 +5,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
 
 from attack import TINY_UNET_CONFIG
-from common import UserError
-from diffusion import linear_alpha_bar, make_schedule, purify, respaced_timesteps
+from addt_common import UserError
+from addt_diffusion import linear_alpha_bar, make_schedule, purify, respaced_timesteps
 from models.unet import UNet
 
 SCHED_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from common import UserError
+from addt_common import UserError
 from models import (CIFAR10_MEAN, CIFAR10_STD, Classifier, build_classifier, classifier_checkpoint,
                     load_classifier, make_net)
 from models.wrn import WideResNet

@@ -3,8 +3,8 @@ attack gradient), torch.compile and channels_last.
 
 Every bound was chosen from measurements on the CPU (torch 2.13, one thread) with the tiny UNet of
 attack.TINY_UNET_CONFIG and a WRN-10-1, random weights, seeds 0-3; each test's comment gives the worst
-case measured. bf16 on the CPU is common.autocast with an explicit "bf16" ('auto' keeps the CPU in
-fp32). The CUDA variants run the scripts' own path (common.autocast, the fused step kernel); their
+case measured. bf16 on the CPU is addt_common.autocast with an explicit "bf16" ('auto' keeps the CPU in
+fp32). The CUDA variants run the scripts' own path (addt_common.autocast, the fused step kernel); their
 bounds were not measured on a GPU (see LAYOUT_TOL)."""
 import copy
 
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import attack
-from common import autocast, prepare_model, resolve_precision
-from diffusion import diffuse, linear_alpha_bar, make_schedule, purify
+from addt_common import autocast, prepare_model, resolve_precision
+from addt_diffusion import diffuse, linear_alpha_bar, make_schedule, purify
 from models import build_classifier
 from models.unet import UNet
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 import attack
 import purify
-from common import UserError
+from addt_common import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

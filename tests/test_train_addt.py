@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 import purify
 import train_addt
-from common import UserError
-from data import load_split, to_float
-from diffusion import linear_alpha_bar, load_unet
+from addt_common import UserError
+from addt_data import load_split, to_float
+from addt_diffusion import linear_alpha_bar, load_unet
 from models import load_classifier
 from train_addt import EMA, cgpo, lambda_t, mix_noise, noisy, x0_estimate
 
@@ -47,7 +47,7 @@ def flags(inputs, out, *more, classifier=True):
 
 
 def alpha_bar64():
-    """SPEC.md's schedule, independently of diffusion.py: betas 1e-4 .. 0.02 over 1000 steps, float64."""
+    """SPEC.md's schedule, independently of addt_diffusion.py: betas 1e-4 .. 0.02 over 1000 steps, float64."""
     return np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
 
 
@@ -293,7 +293,7 @@ import torch
 import torch.distributed as dist
 sys.path.insert(0, {repo!r})
 import train_addt
-from common import run_main
+from addt_common import run_main
 
 
 def main():  # train, then gather every rank's weights (inside run_main, before it ends the process group)

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 import train_classifier
-from common import UserError
-from data import load_split, to_float
+from addt_common import UserError
+from addt_data import load_split, to_float
 from models import load_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import UserError
+from addt_common import UserError
 
 LAYOUTS = ("accepted layouts: CIFAR-10/100 python pickles (cifar-10-batches-py/ or cifar-100-python/, "
            "a directory holding one, or the official .tar.gz); Tiny-ImageNet (tiny-imagenet-200/ or its .zip); "

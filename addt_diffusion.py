@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from common import UserError, prepare_model, randn_keyed
-from data import load_split
+from addt_common import UserError, prepare_model, randn_keyed
+from addt_data import load_split
 from kernels.ddpm_step import reverse_step
 from models import load_classifier
 
@@ -132,7 +132,7 @@ def purify(unet, x, sched, eps=None, zs=None, generator=None, grad_checkpoint=Fa
 
 
 def keyed_noise(eps_keys, zs_keys, sched, shape, device):
-    """Forward and step noises of a batch, one key per sample for each (see common.sample_seed):
+    """Forward and step noises of a batch, one key per sample for each (see addt_common.sample_seed):
     eps (B, *shape) and zs (n_noise, B, *shape)."""
     g = torch.Generator(device=device)
     eps = randn_keyed(eps_keys, shape, device, g)
@@ -163,7 +163,7 @@ def add_purification_args(p):
     p.add_argument("--ddpm", help="diffusers-layout UNet directory (e.g. google/ddpm-cifar10-32)")
     p.add_argument("--classifier", help="classifier checkpoint (train_classifier.py or RobustBench layout)")
     p.add_argument("--arch", default=None, help="classifier arch for a RobustBench state dict (default wrn-28-10)")
-    p.add_argument("--data", default="cifar10", help="data set name or path (see data.py)")
+    p.add_argument("--data", default="cifar10", help="data set name or path (see addt_data.py)")
     p.add_argument("--split", default="test")
     p.add_argument("--n", "--num-images", dest="n", type=int, default=1024,
                    help="first N images of the split (write --num-images under torchrun, which takes --n as its own)")

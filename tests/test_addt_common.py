@@ -1,10 +1,10 @@
-"""common.py: keyed seeds, keyed noise, atomic writes, refusing to overwrite a run."""
+"""addt_common.py: keyed seeds, keyed noise, atomic writes, refusing to overwrite a run."""
 import os
 
 import pytest
 import torch
 
-from common import UserError, atomic_save, randn_keyed, refuse_overwrite, sample_seed, write_json
+from addt_common import UserError, atomic_save, randn_keyed, refuse_overwrite, sample_seed, write_json
 
 
 def test_sample_seed_is_a_pure_function_of_its_key():
