@@ -2,6 +2,7 @@
 per-sample seeds (all randomness is keyed, so no RNG state is saved), precision and a progress line
 with ETA."""
 import json
+import math
 import os
 import sys
 import time
@@ -100,15 +101,33 @@ def sample_seed(*key):
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def randn_keyed(keys, shape, device, generator=None):
-    """One standard-normal tensor of `shape` per key, stacked: shape (len(keys), *shape).
-    Each slice depends only on its key (and the device type)."""
-    g = generator or torch.Generator(device=device)
-    out = torch.empty((len(keys), *shape), device=device)
-    for i, k in enumerate(keys):
-        g.manual_seed(k)
-        torch.randn(shape, generator=g, device=device, out=out[i])
-    return out
+def _int64(c):
+    return c - 2 ** 64 if c >= 2 ** 63 else c
+
+
+_GOLDEN, _C1, _C2 = _int64(0x9E3779B97F4A7C15), _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+def _mix64(x):
+    """splitmix64's finaliser on int64 tensors (wrapping products; >> made logical by a mask)."""
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _C1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _C2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def keyed_normal(keys, draw, shape, device):
+    """Standard normals of shape (len(keys), *shape), float32: element e of row b is a pure function of
+    (keys[b], draw, e), computed by hashing (counter-based, Box-Muller on 2 x 24 bits). No generator
+    state and no per-row launches: a draw does not depend on its batch neighbours, the batch size,
+    the process count or the device type (CPU and CUDA agree up to the last bit of log/cos)."""
+    keys = torch.as_tensor(keys, dtype=torch.int64, device=device)
+    row = _mix64(keys ^ _mix64(torch.tensor(int(draw) + 1, dtype=torch.int64, device=device)))
+    n = math.prod(shape)
+    h = _mix64(row[:, None] + (torch.arange(1, n + 1, dtype=torch.int64, device=device) * _GOLDEN))
+    u1 = (((h >> 40) & 0xFFFFFF) + 1).to(torch.float32) * 2.0 ** -24  # (0, 1]: the log stays finite
+    u2 = (h & 0xFFFFFF).to(torch.float32) * 2.0 ** -24
+    z = torch.sqrt(-2 * torch.log(u1)) * torch.cos((2 * math.pi) * u2)
+    return z.view(len(keys), *shape)
 
 
 class Progress:

@@ -1,22 +1,70 @@
-"""Diffusion core: the linear DDPM schedule, respaced DDPM/DDIM reverse steps exactly as
+"""Diffusion core: noise sources, the linear DDPM schedule, respaced DDPM/DDIM reverse steps exactly as
 diffusers' DDPMScheduler(variance_type="fixed_large") / DDIMScheduler produce them after
-set_timesteps(n), and the one purification function every script calls (SPEC.md, "Purification").
+set_timesteps(n), the purification samplers of every family, and `Purifier`, the callable
+`purify(x, noise)` that scripts and attacks use (SPEC.md, "Purification").
 
-All randomness of a purification is explicit: the forward noise `eps` and the reverse-step noises
-`zs` are tensors the caller may supply (an attack fixes them: dw-fwd, dw-both) or leave to be drawn.
+Noise (the convention every sampler follows, edm style): all randomness of a purification comes from
+`noise(k, like)`, which returns draw k, a standard-normal tensor shaped like `like` (batch first).
+Draw 0 is the forward noise (the one dw-fwd fixes); draws 1, 2, ... are the reverse process's, in the
+order the sampler uses them. A fresh generator, fixed tensors (`(eps, zs)` or a list of draws) or the
+attack's keyed noise (`KeyedNoise`) can stand behind it, so every attack setting works for every
+family and for a user's own purifier. Samplers draw their noise outside any checkpointed region.
 """
+import math
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from addt_common import UserError, prepare_model, randn_keyed
+from addt_common import UserError, keyed_normal, prepare_model
 from addt_data import load_split
 from kernels.ddpm_step import reverse_step
 from models import load_classifier
 
 T = 1000  # training timesteps
 DEFAULT_NFE = {"ddpm": 100, "ddim": 10}  # SPEC.md: DP_DDPM n = 1000, DP_DDIM n = 100 (tables 3, 5)
+
+
+# ---------------------------------------------------------------- noise sources: noise(k, like) -> draw k
+
+def fresh_noise(generator=None):
+    """Draws from `generator` (torch's default one when None), in the order they are asked for."""
+    return lambda k, like: torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def fixed_noise(draws):
+    """Replays given tensors: draws[k] is draw k (each shaped like the batch)."""
+    def noise(k, like):
+        if k >= len(draws):
+            raise ValueError(f"the purification asks for noise draw {k}, but only {len(draws)} draws were given")
+        return draws[k].to(like.device, like.dtype)
+    return noise
+
+
+class KeyedNoise:
+    """The attack's noise for a batch of pipelines (see addt_common.keyed_normal): draw k of pipeline b
+    is keyed by fixed[b] for k < n_fixed and by fresh[b] otherwise. white-box: n_fixed 0;
+    dw-fwd: 1 (the forward noise); dw-both and dw-semi: all (math.inf)."""
+
+    def __init__(self, fresh, fixed=None, n_fixed=0):
+        self.fresh, self.fixed, self.n_fixed = fresh, fixed, n_fixed
+
+    def __call__(self, k, like):
+        keys = self.fixed if k < self.n_fixed else self.fresh
+        return keyed_normal(keys, k, like.shape[1:], like.device).to(like.dtype)
+
+
+def as_noise(noise):
+    """None or a torch.Generator -> fresh draws; (eps, zs) with zs (n, B, ...) or a list of draws ->
+    replayed; a callable noise(k, like) -> itself."""
+    if noise is None or isinstance(noise, torch.Generator):
+        return fresh_noise(noise)
+    if callable(noise):
+        return noise
+    if isinstance(noise, tuple) and len(noise) == 2 and torch.is_tensor(noise[0]) and torch.is_tensor(noise[1]):
+        eps, zs = noise
+        return fixed_noise([eps, *zs])
+    return fixed_noise(list(noise))
 
 
 def linear_alpha_bar(T=T, beta_start=1e-4, beta_end=0.02):
@@ -102,26 +150,22 @@ def diffuse(x, eps, alpha_bar):
     return alpha_bar ** 0.5 * (2 * x - 1) + (1 - alpha_bar) ** 0.5 * eps
 
 
-def purify(unet, x, sched, eps=None, zs=None, generator=None, grad_checkpoint=False, trace=None):
-    """Image in [0, 1] -> purified image in [0, 1].
-    eps: forward noise, shape of x; zs: reverse-step noises, (sched.n_noise, *x.shape). Any left as
-    None is drawn fresh from `generator`. grad_checkpoint recomputes each UNet call in the backward
-    pass, so memory grows with the number of steps by one image tensor per step only.
-    trace: an optional list that receives x_t after the forward diffusion and after every step."""
-    if eps is None:
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    if zs is None:
-        zs = torch.randn((sched.n_noise, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
-    if zs.shape[0] != sched.n_noise:
-        raise ValueError(f"zs holds {zs.shape[0]} step noises, the schedule needs {sched.n_noise}")
-    x_t = diffuse(x, eps, sched.alpha_bar_star)
+def ddpm_purify(unet, x, sched, noise=None, grad_checkpoint=False, trace=None):
+    """DP_DDPM / DP_DDIM: image in [0, 1] -> purified image in [0, 1] (paper eqs. 2-3).
+    noise: see the module docstring (draw 0 forward, then one draw per noisy reverse step).
+    grad_checkpoint recomputes each UNet call in the backward pass, so memory grows with the number
+    of steps by one image tensor per step only. trace: an optional list that receives x_t after the
+    forward diffusion and after every step."""
+    noise = as_noise(noise)
+    x_t = diffuse(x, noise(0, x), sched.alpha_bar_star)
     coefs = sched.coefs.to(x.device)  # once: a host-to-device copy per step would stall the GPU
     if trace is not None:
         trace.append(x_t.detach())
-    k = 0
+    k = 1
     for i, t in enumerate(sched.timesteps):
-        z = zs[k] if sched.noisy[i] else None
-        k += sched.noisy[i]
+        z = None
+        if sched.noisy[i]:
+            z, k = noise(k, x_t), k + 1
         if grad_checkpoint and torch.is_grad_enabled():
             x_t = checkpoint(denoise_step, unet, x_t, t, z, coefs[i], use_reentrant=False)
         else:
@@ -131,15 +175,23 @@ def purify(unet, x, sched, eps=None, zs=None, generator=None, grad_checkpoint=Fa
     return (x_t + 1) / 2
 
 
-def keyed_noise(eps_keys, zs_keys, sched, shape, device):
-    """Forward and step noises of a batch, one key per sample for each (see addt_common.sample_seed):
-    eps (B, *shape) and zs (n_noise, B, *shape)."""
-    g = torch.Generator(device=device)
-    eps = randn_keyed(eps_keys, shape, device, g)
-    if sched.n_noise == 0:
-        return eps, eps.new_zeros((0, len(zs_keys), *shape))
-    zs = randn_keyed(zs_keys, (sched.n_noise, *shape), device, g)
-    return eps, zs.transpose(0, 1).contiguous()  # each zs[k] contiguous: the fused step reads it as is
+class Purifier:
+    """purify(x, noise) of one family with its model and settings: what purify.py evaluates and attacks
+    differentiate. `grad_checkpoint` is switched on by attacks (per network call)."""
+
+    def __init__(self, family, sample, model, info, **settings):
+        self.family, self.sample, self.model, self.info, self.settings = family, sample, model, info, settings
+        self.grad_checkpoint = False
+
+    def __call__(self, x, noise=None, trace=None):
+        kw = {"trace": trace} if trace is not None else {}
+        return self.sample(self.model, x, noise=noise, grad_checkpoint=self.grad_checkpoint, **self.settings, **kw)
+
+
+def ddpm_purifier(unet, sched):
+    info = {"family": sched.sampler, "nfe": sched.nfe, "t_star": sched.t_star, "eta": sched.eta,
+            "timesteps": sched.timesteps, "model_calls": len(sched.timesteps)}
+    return Purifier(sched.sampler, ddpm_purify, unet, info, sched=sched)
 
 
 def load_unet(path, **overrides):

@@ -25,14 +25,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from addt_common import (Dist, Progress, UserError, autocast, markdown_table, refuse_overwrite, resolve_precision,
-                    run_main, sample_seed, write_json)
+from addt_attacks import SETTINGS, Defense, NonFiniteError, pgd_eot
+from addt_common import (Dist, Progress, UserError, markdown_table, refuse_overwrite, resolve_precision, run_main,
+                         write_json)
 from addt_data import shard, to_float
-from addt_diffusion import DEFAULT_NFE, add_purification_args, keyed_noise, load_inputs, make_schedule, purify
+from addt_diffusion import DEFAULT_NFE, add_purification_args, ddpm_purifier, load_inputs, make_schedule
 
-SETTINGS = ["white-box", "dw-fwd", "dw-both", "dw-semi"]
 BUDGETS = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1)}  # (eps, step size) on [0, 1] images
-ATTACK, EVAL, CLEAN, FIXED, SEMI, SEMI_PICK = range(6)  # key stages of the noise streams
 
 
 def parse_args(argv=None):
@@ -79,111 +78,6 @@ def check_args(args):
     if min(args.eot, args.eval_draws, args.steps + 1, args.batch_size, args.chunk, args.n) < 1:
         raise UserError("--eot, --eval-draws, --batch-size, --chunk and --n must be positive")
     return args
-
-
-# ---------------------------------------------------------------- noise: which draw is which
-
-def noise_keys(args, i, stage, step, draw):
-    """(eps key, zs key) of one purification of image i; see the settings in the docstring."""
-    s = args.seed
-    if args.setting == "dw-both":  # one fixed noise set, shared by attack and evaluation
-        return sample_seed(s, i, FIXED, 0), sample_seed(s, i, FIXED, 1)
-    if args.setting == "dw-semi":  # the attack cycles through the N sets; evaluation picks one
-        n = args.semi_n
-        j = (step * args.eot + draw) % n if stage == ATTACK else sample_seed(s, i, SEMI_PICK, draw) % n
-        return sample_seed(s, i, SEMI, j, 0), sample_seed(s, i, SEMI, j, 1)
-    fresh_zs = sample_seed(s, i, stage, step, draw, 1)
-    if args.setting == "dw-fwd":  # forward noise fixed and shared; reverse noise fresh
-        return sample_seed(s, i, FIXED, 0), fresh_zs
-    return sample_seed(s, i, stage, step, draw, 0), fresh_zs
-
-
-class Defense:
-    """classifier(purify(x)) with the noises of (image, stage, step, draw) pipelines."""
-
-    def __init__(self, args, unet, classifier, sched, device, precision):
-        self.args, self.unet, self.classifier, self.sched = args, unet, classifier, sched
-        self.device, self.precision = device, precision
-
-    def logits(self, x, pipes, stage, grad=False):
-        """x: (P, C, H, W) inputs; pipes: P tuples (image index, step, draw)."""
-        with autocast(self.device, self.precision):
-            if self.sched is None:  # --defense none: the bare classifier
-                return self.classifier(x).float()
-            keys = [noise_keys(self.args, i, stage, s, d) for i, s, d in pipes]
-            eps, zs = keyed_noise([k[0] for k in keys], [k[1] for k in keys], self.sched, x.shape[1:], self.device)
-            x_pur = purify(self.unet, x, self.sched, eps, zs, grad_checkpoint=grad)
-            return self.classifier(x_pur.float()).float()
-
-    def run(self, x, y, pipes, stage, grad=False):
-        """Logits of the pipelines and, with grad, d CE / d x of each. They run in chunks of exactly
-        --chunk pipelines (the last one padded with copies), so every pipeline is computed in a batch
-        of the same size: per-image results do not depend on --batch-size or the process count."""
-        c = self.args.chunk
-        logits, grads = [], []
-        for lo in range(0, len(pipes), c):
-            hi = min(lo + c, len(pipes))
-            pad = c - (hi - lo)
-            x_c = torch.cat([x[lo:hi], x[lo:lo + 1].expand(pad, -1, -1, -1)]).detach()
-            p_c = pipes[lo:hi] + pipes[lo:lo + 1] * pad
-            with torch.set_grad_enabled(grad):
-                x_c.requires_grad_(grad)
-                out = self.logits(x_c, p_c, stage, grad=grad)[:hi - lo]
-                if grad:  # the sum keeps each pipeline's gradient its own
-                    g, = torch.autograd.grad(F.cross_entropy(out, y[lo:hi], reduction="sum"), x_c)
-                    grads.append(g[:hi - lo])
-            logits.append(out.detach())
-        return torch.cat(logits), (torch.cat(grads) if grad else None)
-
-    def eot_gradient(self, x_adv, y, idx, step):
-        """Sum over EoT draws of d CE / d x, per image. The draws run as a batch (draws x images) and
-        are summed in draw order."""
-        n, eot = len(idx), self.args.eot
-        pipes = [(i, step, d) for d in range(eot) for i in idx]
-        _, grads = self.run(x_adv.repeat(eot, 1, 1, 1), y.repeat(eot), pipes, ATTACK, grad=True)
-        g = grads[:n]
-        for d in range(1, eot):
-            g = g + grads[d * n:(d + 1) * n]
-        return g
-
-
-def pgd_step(x, x_adv, g, args):
-    """One PGD step: sign step (linf) or normalised step (l2), projection onto the eps ball, [0, 1]."""
-    if args.norm == "linf":
-        delta = (x_adv + args.step_size * g.sign() - x).clamp(-args.eps, args.eps)
-    else:
-        g_norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        delta = x_adv + args.step_size * g / g_norm - x
-        d_norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        delta = delta * (args.eps / d_norm.clamp_min(1e-12)).clamp(max=1.0)
-    return (x + delta).clamp(0, 1)
-
-
-def evaluate(defense, x, y, idx, stage, draws):
-    """Predictions, correct fraction and CE loss over `draws` fresh purifications (draw 0 first)."""
-    n = len(idx)
-    pipes = [(i, defense.args.steps, d) for d in range(draws) for i in idx]
-    logits, _ = defense.run(x.repeat(draws, 1, 1, 1), y.repeat(draws), pipes, stage)
-    preds = logits.argmax(1).view(draws, n)
-    loss = F.cross_entropy(logits[:n], y, reduction="none")
-    return preds[0], (preds == y).float().mean(0), loss
-
-
-def attack_batch(defense, x, y, idx, on_step=None):
-    """PGD from delta = 0 (no random start) -> per-image records."""
-    args = defense.args
-    clean_pred, clean_frac, _ = evaluate(defense, x, y, idx, CLEAN, args.eval_draws)
-    x_adv = x.clone()
-    for step in range(args.steps):
-        x_adv = pgd_step(x, x_adv, defense.eot_gradient(x_adv, y, idx, step), args)
-        if on_step:
-            on_step()
-    pred, frac, loss = evaluate(defense, x_adv, y, idx, EVAL, args.eval_draws)
-    delta = (x_adv - x).flatten(1)
-    return [{"index": i, "label": int(y[k]), "clean_pred": int(clean_pred[k]), "pred": int(pred[k]),
-             "clean_correct_frac": float(clean_frac[k]), "robust_correct_frac": float(frac[k]),
-             "loss": float(loss[k]), "linf": float(delta[k].abs().max()), "l2": float(delta[k].norm())}
-            for k, i in enumerate(idx)]
 
 
 # ---------------------------------------------------------------- records, resume, summary
@@ -265,7 +159,9 @@ def main(argv=None):
         check_same_attack(args)
     sched = None if args.defense == "none" else make_schedule(args.defense, args.nfe, args.t_star, args.eta)
     unet, classifier, images, labels = load_inputs(args, d.device, defended=sched is not None)
-    defense = Defense(args, unet, classifier, sched, d.device, resolve_precision(args.precision, d.device))
+    precision = resolve_precision(args.precision, d.device)
+    defense = Defense(None if sched is None else ddpm_purifier(unet, sched), classifier, args.setting, args.seed,
+                      args.semi_n, args.chunk, precision)
     os.makedirs(args.out, exist_ok=True)
     d.barrier()
     done = read_records(args.out) if args.resume else {}
@@ -282,7 +178,12 @@ def main(argv=None):
         idx = todo[lo:lo + args.batch_size]
         x = to_float(images[idx].to(d.device))
         y = labels[idx].to(d.device)
-        append_records(path, attack_batch(defense, x, y, idx, on_step=lambda: progress.update(len(idx))))
+        try:
+            _, records = pgd_eot(defense, x, y, idx, args.eps, args.step_size, args.steps, args.eot, args.norm,
+                                 args.eval_draws, on_step=lambda: progress.update(len(idx)))
+        except NonFiniteError as e:
+            raise UserError(str(e)) from None
+        append_records(path, records)
     attacked = int(d.all_sum(torch.tensor(len(todo), device=d.device)))
     if not d.master:
         return
@@ -290,8 +191,7 @@ def main(argv=None):
     missing = [i for i in range(args.n) if i not in records]
     if missing:
         raise UserError(f"{len(missing)} images have no record (first: {missing[0]}); rerun with --resume")
-    summary = summarize(args, defense.sched, {i: records[i] for i in range(args.n)}, attacked,
-                        time.time() - t0, defense.precision)
+    summary = summarize(args, sched, {i: records[i] for i in range(args.n)}, attacked, time.time() - t0, precision)
     write_json(os.path.join(args.out, "summary.json"), summary)
     table = markdown_table([summary_row(summary)], list(summary_row(summary)))
     with open(os.path.join(args.out, "summary.md"), "w") as f:

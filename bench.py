@@ -24,8 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import attack
 import train_addt
+from addt_attacks import EVAL, Defense, evaluate
 from addt_common import autocast, format_seconds, markdown_table, prepare_model, resolve_precision, write_json
-from addt_diffusion import linear_alpha_bar, make_schedule
+from addt_diffusion import ddpm_purifier, linear_alpha_bar, make_schedule
 from kernels import rbgm as rbgm_module
 from kernels.ddpm_step import reverse_step, step_reference
 from kernels.rbgm import rbgm, rbgm_reference, sorted_normal_rows
@@ -190,15 +191,13 @@ def official_eot_gradient(unet, classifier, x, y, timesteps, draws):
 
 
 def our_defense(unet, classifier, sched, size, device, compile_cpu):
-    """attack.Defense with the best settings: EoT draws batched in one chunk, precision 'auto' (bf16 on
-    CUDA), frozen channels_last weights, compile on CUDA; reverse_step picks the fused kernel on CUDA."""
+    """addt_attacks.Defense with the fast settings: EoT draws batched in one chunk, bf16 on CUDA, frozen
+    channels_last weights, compile on CUDA; reverse_step picks the fused kernel on CUDA."""
     n, eot = size["images"], size["eot"]
-    args = attack.parse_args(["--eot", str(eot), "--nfe", str(size["nfe"]), "--batch-size", str(n),
-                              "--chunk", str(n * eot)])
     compile = device.type == "cuda" or compile_cpu
-    return attack.Defense(args, prepare_model(copy.deepcopy(unet), device, True, compile),
-                          prepare_model(copy.deepcopy(classifier), device, True, compile), sched, device,
-                          resolve_precision(args.precision, device))
+    purifier = ddpm_purifier(prepare_model(copy.deepcopy(unet), device, True, compile), sched)
+    return Defense(purifier, prepare_model(copy.deepcopy(classifier), device, True, compile), "white-box",
+                   chunk=n * eot, precision=resolve_precision("auto", device))
 
 
 def paper_projection(step_s, eval_s, images):
@@ -219,8 +218,8 @@ def bench_attack(unet, classifier, size, device, repeats, compile_cpu):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     fns = {"official": (lambda: official_eot_gradient(off_unet, off_clf, x, y, sched.timesteps, draws),
                         lambda: off_clf(official_purify(off_unet, x, sched.timesteps)).argmax(1)),
-           "ours": (lambda: defense.eot_gradient(x, y, idx, 0),
-                    lambda: attack.evaluate(defense, x, y, idx, attack.EVAL, 1))}
+           "ours": (lambda: defense.eot_gradient(x, y, idx, 0, eot),
+                    lambda: evaluate(defense, x, y, idx, EVAL, 1))}
     out = {"images": n, "eot": eot, "nfe": size["nfe"], "model_calls": len(sched.timesteps), "rows": []}
     memory = {}
     for name, (grad_fn, eval_fn) in fns.items():

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from addt_common import (Dist, Progress, autocast, markdown_table, resolve_precision,
-                    run_main, sample_seed, write_json)
+from addt_common import Dist, Progress, autocast, markdown_table, resolve_precision, run_main, sample_seed, write_json
 from addt_data import shard, to_float
-from addt_diffusion import DEFAULT_NFE, add_purification_args, keyed_noise, load_inputs, make_schedule, purify
+from addt_diffusion import DEFAULT_NFE, KeyedNoise, add_purification_args, ddpm_purifier, load_inputs, make_schedule
 
 
 
@@ -36,10 +35,9 @@ def parse_args(argv=None):
     return args
 
 
-def image_noise(args, sched, idx, shape, device):
-    """Forward and step noises of images idx, keyed by (seed, image index) only."""
-    return keyed_noise([sample_seed(args.seed, i, 0) for i in idx],
-                       [sample_seed(args.seed, i, 1) for i in idx], sched, shape, device)
+def image_noise(args, idx, device):
+    """The noise of images idx, keyed by (seed, image index) only."""
+    return KeyedNoise(torch.tensor([sample_seed(args.seed, i) for i in idx], device=device))
 
 
 def save_grid(path, rows):
@@ -53,6 +51,7 @@ def main(argv=None):
     d = Dist(args.device)
     sched = make_schedule(args.sampler, args.nfe, args.t_star, args.eta)
     unet, classifier, images, labels = load_inputs(args, d.device)
+    purifier = ddpm_purifier(unet, sched)
     precision = resolve_precision(args.precision, d.device)
     start, stop = shard(len(labels), d.rank, d.world)
     correct = torch.zeros(2, dtype=torch.long, device=d.device)  # classifier only, purified
@@ -63,8 +62,7 @@ def main(argv=None):
             idx = range(lo, min(lo + args.batch_size, stop))
             x = to_float(images[lo:idx.stop].to(d.device))
             y = labels[lo:idx.stop].to(d.device)
-            eps, zs = image_noise(args, sched, idx, x.shape[1:], d.device)
-            x_pur = purify(unet, x, sched, eps, zs).float()
+            x_pur = purifier(x, image_noise(args, idx, d.device)).float()
             correct[0] += (classifier(x).argmax(1) == y).sum()
             correct[1] += (classifier(x_pur).argmax(1) == y).sum()
             progress.update(len(idx))
@@ -83,10 +81,9 @@ def main(argv=None):
     if args.grid:
         k = min(args.grid, n)
         x = to_float(images[:k].to(d.device))
-        eps, zs = image_noise(args, sched, range(k), x.shape[1:], d.device)
         trace = []
         with torch.no_grad(), autocast(d.device, precision):
-            x_pur = purify(unet, x, sched, eps, zs, trace=trace).float()
+            x_pur = purifier(x, image_noise(args, range(k), d.device), trace=trace).float()
         save_grid(os.path.join(args.out, "grid.png"), [x, (trace[0].float() + 1) / 2, x_pur])
     row = {"sampler": args.sampler, "NFE": args.nfe, "t*": sched.t_star, "N": n,
            "classifier": f"{results['classifier_accuracy']:.2f}",

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import attack
-from attack import ATTACK, CLEAN, EVAL, Defense, noise_keys, pgd_step
+from addt_attacks import ATTACK, CLEAN, EVAL, Defense, pgd_step
 from addt_common import UserError
-from addt_diffusion import make_schedule, purify
+from addt_diffusion import ddpm_purifier, ddpm_purify, make_schedule
 from models import build_classifier
 from models.unet import UNet
 
@@ -33,7 +33,7 @@ def args_for(setting, **kw):
 
 
 def pipeline_loss(unet, clf, x, y, sched, eps, zs, grad_checkpoint):
-    return F.cross_entropy(clf(purify(unet, x, sched, eps, zs, grad_checkpoint=grad_checkpoint)), y,
+    return F.cross_entropy(clf(ddpm_purify(unet, x, sched, (eps, zs), grad_checkpoint=grad_checkpoint)), y,
                            reduction="sum")
 
 
@@ -79,7 +79,10 @@ def test_finite_differences_float64_dw_both(tiny):
 
 
 def keys(args, stage, step, draw, i=5):
-    return noise_keys(args, i, stage, step, draw)
+    """(key of the forward draw, key of the reverse draws) of one pipeline under args' setting."""
+    fresh, fixed, n_fixed = Defense(None, None, args.setting, args.seed, args.semi_n).keys(i, stage, step, draw,
+                                                                                         args.eot)
+    return (fixed if n_fixed > 0 else fresh), (fixed if n_fixed > 1 else fresh)
 
 
 def test_white_box_draws_fresh_noise_everywhere():
@@ -123,7 +126,7 @@ def test_noise_reaches_the_purification(tiny):
     out = {}
     for setting in ("dw-both", "white-box"):
         a = args_for(setting)
-        d = Defense(a, unet, clf, make_schedule("ddpm", 5), torch.device("cpu"), "fp32")
+        d = Defense(ddpm_purifier(unet, make_schedule("ddpm", 5)), clf, setting, a.seed, a.semi_n, a.chunk)
         with torch.no_grad():
             out[setting] = [d.logits(x, [(0, 2, 0), (1, 2, 0)], ATTACK), d.logits(x, [(0, 3, 0), (1, 3, 0)], EVAL)]
     assert torch.equal(*out["dw-both"])
@@ -139,7 +142,7 @@ def test_steps_stay_in_budget_and_image_range(norm):
     x[1] = 1.0
     x_adv = x.clone()
     for _ in range(30):
-        x_adv = pgd_step(x, x_adv, torch.randn(x.shape, generator=g) * 10, a)
+        x_adv = pgd_step(x, x_adv, torch.randn(x.shape, generator=g) * 10, a.eps, a.step_size, a.norm)
         d = (x_adv - x).flatten(1)
         assert x_adv.min() >= 0 and x_adv.max() <= 1
         if norm == "linf":

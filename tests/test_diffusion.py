@@ -6,7 +6,7 @@ from diffusers.schedulers import scheduling_ddpm
 
 from attack import TINY_UNET_CONFIG
 from addt_common import UserError
-from addt_diffusion import linear_alpha_bar, make_schedule, purify, respaced_timesteps
+from addt_diffusion import ddpm_purify, linear_alpha_bar, make_schedule, respaced_timesteps
 from models.unet import UNet
 
 SCHED_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
@@ -58,7 +58,7 @@ def test_trajectory_matches_diffusers(unet, monkeypatch, sampler, n, eta):
     assert sched.timesteps == tail
     ours = []
     with torch.no_grad():
-        out = purify(unet, x, sched, eps, zs, trace=ours)
+        out = ddpm_purify(unet, x, sched, (eps, zs), trace=ours)
     assert len(ours) == len(ref) == len(tail) + 1
     for step, (a, b) in enumerate(zip(ours, ref)):
         assert (a - b).abs().max() < 1e-5, f"step {step}: {(a - b).abs().max()}"
@@ -99,13 +99,13 @@ def test_determinism_with_and_without_supplied_noise(unet):
     x = torch.rand(3, 3, 16, 16)
     eps, zs = torch.randn(x.shape), torch.randn((sched.n_noise, *x.shape))
     with torch.no_grad():
-        a, b = purify(unet, x, sched, eps, zs), purify(unet, x, sched, eps, zs)
-        c, d = purify(unet, x, sched), purify(unet, x, sched)
+        a, b = ddpm_purify(unet, x, sched, (eps, zs)), ddpm_purify(unet, x, sched, (eps, zs))
+        c, d = ddpm_purify(unet, x, sched), ddpm_purify(unet, x, sched)
     assert torch.equal(a, b)
     assert not torch.allclose(c, d)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     with torch.no_grad():
-        assert torch.equal(purify(unet, x, sched, generator=g1), purify(unet, x, sched, generator=g2))
+        assert torch.equal(ddpm_purify(unet, x, sched, g1), ddpm_purify(unet, x, sched, g2))
 
 
 def test_batched_eot_equals_separate_calls(unet):
@@ -115,13 +115,13 @@ def test_batched_eot_equals_separate_calls(unet):
     k = 4
     eps, zs = torch.randn(k, 3, 16, 16), torch.randn(sched.n_noise, k, 3, 16, 16)
     with torch.no_grad():
-        batched = purify(unet, x.expand(k, -1, -1, -1), sched, eps, zs)
-        single = torch.cat([purify(unet, x, sched, eps[i:i + 1], zs[:, i:i + 1]) for i in range(k)])
+        batched = ddpm_purify(unet, x.expand(k, -1, -1, -1), sched, (eps, zs))
+        single = torch.cat([ddpm_purify(unet, x, sched, (eps[i:i + 1], zs[:, i:i + 1])) for i in range(k)])
     assert (batched - single).abs().max() < 1e-6
     assert not torch.allclose(batched[0], batched[1])  # the draws really differ
 
 
 def test_wrong_noise_count_is_refused(unet):
     sched = make_schedule("ddpm", 5)
-    with pytest.raises(ValueError, match="step noises"):
-        purify(unet, torch.rand(1, 3, 16, 16), sched, zs=torch.randn(2, 1, 3, 16, 16))
+    with pytest.raises(ValueError, match="noise draw 3, but only 3 draws"):  # NFE 5 takes 1 + 5 draws
+        ddpm_purify(unet, torch.rand(1, 3, 16, 16), sched, (torch.randn(1, 3, 16, 16), torch.randn(2, 1, 3, 16, 16)))

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import attack
 from addt_common import autocast, prepare_model, resolve_precision
-from addt_diffusion import diffuse, linear_alpha_bar, make_schedule, purify
+from addt_attacks import Defense
+from addt_diffusion import ddpm_purifier, ddpm_purify, diffuse, linear_alpha_bar, make_schedule
 from models import build_classifier
 from models.unet import UNet
 
@@ -85,9 +86,9 @@ def test_purification_bf16_max_error(models, device):
     x, sched, eps, zs = inputs(device)
     with torch.no_grad():
         with fp32(device):
-            ref = purify(unet, x, sched, eps, zs)
+            ref = ddpm_purify(unet, x, sched, (eps, zs))
         with bf16(device):
-            out = purify(unet, x, sched, eps, zs).float()
+            out = ddpm_purify(unet, x, sched, (eps, zs)).float()
     err = (out - ref).abs().max()
     assert 0 < err < PURIFY_BF16_MAX_ABS
 
@@ -98,8 +99,7 @@ def test_attack_gradient_bf16_cosine(models, device):
     unet, clf = on(device, *models)
     x, sched, _, _ = inputs(device, n=4)
     y = torch.tensor([0, 3, 5, 9], device=device)
-    args = attack.parse_args(["--eot", "2", "--nfe", "5", "--chunk", "8"])
-    g = {p: attack.Defense(args, unet, clf, sched, torch.device(device), p).eot_gradient(x, y, [0, 1, 2, 3], 0)
+    g = {p: Defense(ddpm_purifier(unet, sched), clf, chunk=8, precision=p).eot_gradient(x, y, [0, 1, 2, 3], 0, 2)[0]
          for p in ("fp32", "bf16")}
     assert not torch.equal(g["fp32"], g["bf16"])
     cos = F.cosine_similarity(g["fp32"].flatten(1), g["bf16"].flatten(1), dim=1)
@@ -116,7 +116,7 @@ def test_compile_matches_eager(models, device):
     x, sched, eps, zs = inputs(device, n=5)  # same batch size as x_t: one compiled graph serves both
     with torch.no_grad(), fp32(device):
         assert (compiled(x_t, t) - eager(x_t, t)).abs().max() < LAYOUT_TOL[device]
-        out, ref = purify(compiled, x, sched, eps, zs), purify(eager, x, sched, eps, zs)
+        out, ref = ddpm_purify(compiled, x, sched, (eps, zs)), ddpm_purify(eager, x, sched, (eps, zs))
     assert (out - ref).abs().max() < LAYOUT_TOL[device]
 
 
@@ -126,7 +126,7 @@ def test_channels_last_purification(models, device):
     unet_cl = prepare_model(copy.deepcopy(models[0]), torch.device(device), channels_last=True)
     x, sched, eps, zs = inputs(device)
     with torch.no_grad(), fp32(device):
-        ref = purify(unet, x, sched, eps, zs)
-        out = purify(unet_cl, x.to(memory_format=torch.channels_last), sched, eps, zs)
+        ref = ddpm_purify(unet, x, sched, (eps, zs))
+        out = ddpm_purify(unet_cl, x.to(memory_format=torch.channels_last), sched, (eps, zs))
     assert unet_cl.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert (out - ref).abs().max() < LAYOUT_TOL[device]

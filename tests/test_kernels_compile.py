@@ -1,0 +1,137 @@
+"""Every Triton kernel configuration the wrappers can launch, compiled ahead of time for sm_80 (A100)
+and sm_90 (H100) on a machine without a GPU: each must compile and must not spill registers.
+
+    python -m pytest -s tests/test_kernels_compile.py   # -s shows the table of registers
+    python tests/test_kernels_compile.py                # the JSON report alone
+
+Compilation runs in one subprocess with TRITON_INTERPRET removed (conftest.py sets it for the
+interpreter tests) and a fresh cache, so every run really compiles. Without a GPU
+CompiledKernel.n_regs / n_spills do not exist: triton reads them from the CUDA driver after loading
+the module (n_spills = CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES / 4). The driver takes them from the
+cubin, and cuobjdump --dump-resource-usage (shipped with triton, like ptxas) prints the same REG and
+LOCAL, so spills are read there.
+
+Specialisation is the one the JIT picks for real data: 16-byte-aligned pointers (fresh torch
+tensors) and the row / per-sample length divisible by 16 (32x32 and 64x64 images) when BLOCK >= 16.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+FP32, BF16 = "*fp32", "*bf16"
+ARCHS = (80, 90)
+RBGM_MAX_ROW = 4096  # kernels/rbgm.py MAX_ROW
+
+
+def configs():
+    """[(id, kernel, arch, signature, constexprs, num_warps)], mirroring the wrappers' launches."""
+    out = []
+    for arch in ARCHS:
+        # _rbgm_kernel_launch: BLOCK = next_power_of_2(H*W) for any row of 1..MAX_ROW elements
+        for delta in (FP32, BF16):
+            for k in range(RBGM_MAX_ROW.bit_length()):
+                block, warps = 2 ** k, 4 if 2 ** k <= 1024 else 8
+                sig = {"delta_ptr": delta, "normal_ptr": FP32, "out_ptr": FP32, "n": "i32", "BLOCK": "constexpr"}
+                out.append((f"rbgm-sm{arch}-delta_{delta[1:]}-BLOCK{block}-w{warps}",
+                            "rbgm", arch, sig, {"BLOCK": block}, warps))
+        # FusedStep: x_t, eps each fp32 or bf16 (eps bf16 from an autocast UNet); z absent or either
+        # dtype; an absent z / gz pointer is passed x_t / gx. Coefficients fp32; out, gx in x_t's dtype,
+        # geps in eps's, gz in z's; g (the gradient of out) in x_t's. BLOCK = min(1024, next_pow2(numel)).
+        coefs = {c: FP32 for c in ("a_ptr", "b_ptr", "c0_ptr", "cx_ptr", "ce_ptr", "s_ptr")}
+        for x in (FP32, BF16):
+            for eps in (FP32, BF16):
+                for z in (None, FP32, BF16):
+                    for block in _step_blocks(x, eps, z):
+                        tag = f"sm{arch}-x_{x[1:]}-eps_{eps[1:]}-z_{z[1:] if z else 'none'}-BLOCK{block}-w4"
+                        fwd = {"x_ptr": x, "eps_ptr": eps, "z_ptr": z or x, **coefs, "out_ptr": x,
+                               "numel": "i32", "HAS_Z": "constexpr", "BLOCK": "constexpr"}
+                        out.append((f"step_fwd-{tag}", "step_fwd", arch, fwd,
+                                    {"HAS_Z": z is not None, "BLOCK": block}, 4))
+                        bwd = {"g_ptr": x, "x_ptr": x, "eps_ptr": eps, **coefs, "gx_ptr": x, "geps_ptr": eps,
+                               "gz_ptr": z or x, "numel": "i32", "HAS_GZ": "constexpr", "BLOCK": "constexpr"}
+                        out.append((f"step_bwd-{tag}", "step_bwd", arch, bwd,
+                                    {"HAS_GZ": z is not None, "BLOCK": block}, 4))
+    return out
+
+
+def _step_blocks(x, eps, z):
+    """1024 (every image of >= 1024 values per sample) for all dtypes; the smaller BLOCKs of tiny
+    inputs only for all-fp32 with z: per thread they hold fewer values, so cannot spill where 1024 doesn't."""
+    return [2 ** k for k in range(11)] if (x, eps, z) == (FP32, FP32, FP32) else [1024]
+
+
+def compile_all():
+    """Compile every configuration (ptxas runs as a subprocess, so threads overlap); returns
+    {id: {"regs", "spills", "local_bytes", "shared_bytes"} or {"error"}}."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from kernels.ddpm_step import _step_bwd_kernel, _step_fwd_kernel
+    from kernels.rbgm import _rbgm_kernel
+    kernels = {"rbgm": _rbgm_kernel, "step_fwd": _step_fwd_kernel, "step_bwd": _step_bwd_kernel}
+    cuobjdump = knobs.nvidia.cuobjdump.path
+    tmp = tempfile.mkdtemp()
+
+    def one(cfg):
+        name, kernel, arch, sig, constexprs, num_warps = cfg
+        aligned = [i for i, (k, v) in enumerate(sig.items())
+                   if v.startswith("*") or (v == "i32" and constexprs["BLOCK"] >= 16)]
+        src = ASTSource(kernels[kernel], sig, constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        except Exception as e:  # report it in the table, do not stop the others
+            return name, {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        path = os.path.join(tmp, name + ".cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+        regs, local, shared = (int(re.search(rf"\b{k}:(\d+)", usage).group(1)) for k in ("REG", "LOCAL", "SHARED"))
+        return name, {"regs": regs, "spills": local // 4, "local_bytes": local, "shared_bytes": shared}
+
+    todo = sorted(configs(), key=lambda c: (-c[4]["BLOCK"], c[2]))  # the slow big sorts first
+    with ThreadPoolExecutor(max(2, os.cpu_count())) as pool:
+        return dict(pool.map(one, todo))
+
+
+CONFIGS = configs()
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    proc = subprocess.run([sys.executable, "-W", "ignore", os.path.abspath(__file__)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    path = tmp_path_factory.mktemp("kernels") / "kernel_registers.json"
+    path.write_text(json.dumps(got, indent=1))
+    print(f"\n{'configuration':60s} {'regs':>5s} {'spills':>6s}")
+    for name, r in got.items():
+        print(f"{name:60s} {r.get('regs', '-'):>5} {r.get('spills', r.get('error', '')):>6}")
+    print(f"report: {path}")
+    return got
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CONFIGS])
+def test_compiles_without_spills(report, name):
+    r = report[name]
+    assert "error" not in r, r["error"]
+    assert r["spills"] == 0 and r["local_bytes"] == 0, r
+
+
+if __name__ == "__main__":
+    assert "TRITON_INTERPRET" not in os.environ, "the interpreter would replace compilation"
+    print(json.dumps(compile_all()))
