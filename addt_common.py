@@ -1,9 +1,14 @@
-"""Small helpers shared by the scripts: errors for bad input, torchrun set-up, atomic writes,
-per-sample seeds (all randomness is keyed, so no RNG state is saved), precision and a progress line
-with ETA."""
+"""Small helpers shared by the scripts: errors for bad input and flag checks, torchrun set-up, the
+output folder (checked first, locked, stale temporary files removed), atomic writes, JSON-lines files
+that survive a cut line, per-sample seeds and keyed noise (all randomness is keyed, so no RNG state is
+saved), precision and a progress line with ETA."""
+import errno
+import fcntl
+import glob
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -59,13 +64,159 @@ class Dist:
         if self.ddp:
             dist.barrier()
 
+    def agree(self, fn):
+        """Run fn() on the master only (taking a lock, say) and make every process raise its UserError,
+        so no rank waits forever for a master that has stopped."""
+        error = None
+        if self.master:
+            try:
+                fn()
+            except UserError as e:
+                error = str(e)
+        if self.ddp:
+            box = [error]
+            dist.broadcast_object_list(box, 0)
+            error = box[0]
+        if error is not None:
+            raise UserError(error)
+
+
+# ---------------------------------------------------------------- flag checks (one line, exit 2)
+
+def require(ok, message):
+    if not ok:
+        raise UserError(message)
+
+
+def check_positive(args, *names, allow_none=True):
+    """Each --name must be a positive int/float (None allowed: a default fills it later)."""
+    for n in names:
+        v = getattr(args, n)
+        if v is None and allow_none:
+            continue
+        require(v is not None and math.isfinite(v) and v > 0, f"--{n.replace('_', '-')} must be positive, not {v}")
+
+
+def check_range(args, name, lo, hi, lo_open=False, hi_open=False):
+    """--name within [lo, hi] (open ends as asked), and not NaN."""
+    v = getattr(args, name)
+    if v is None:
+        return
+    ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    require(ok, f"--{name.replace('_', '-')} must lie in {interval}, not {v}")
+
+
+def check_device(name):
+    """A --device string torch knows, and CUDA only where there is one (never a silent CPU run
+    recorded as cuda)."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device torch knows (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        require(torch.cuda.is_available(), f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        require(device.index is None or device.index < torch.cuda.device_count(),
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type not in ("cpu", "mps"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+
+
+# ---------------------------------------------------------------- the output folder
+
+def check_out_dir(out):
+    """--out must be creatable and writable: refused before any loading or computation."""
+    path = os.path.abspath(out)
+    require(not os.path.exists(path) or os.path.isdir(path), f"--out {out} is a file, not a directory")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    require(os.path.isdir(parent), f"--out {out} lies under {parent}, which is a file")
+    require(os.access(parent, os.W_OK | os.X_OK), f"--out {out}: {parent} is not writable")
+
+
+_LOCKS = {}  # folder -> file descriptor holding its lock, for this process's lifetime
+
+
+def lock_out(out):
+    """One run per output folder: an exclusive fcntl lock on OUT/.lock, held until the process ends
+    (the kernel releases it on any exit, kill -9 included, so a lock is never stale; the PID written
+    into the file only names the holder). A process may take the same folder again (tests call main()
+    several times). On taking the lock, temporary files that an interrupted write left behind
+    (*.tmp, *.tmp/) are removed."""
+    key = os.path.realpath(out)
+    if key in _LOCKS:
+        return
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"another run (pid {holder}) is writing to {out}; wait for it to finish or use "
+                        "another --out") from None
+    before = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    if before and before != str(os.getpid()) and not _alive(before):
+        print(f"note: an earlier run in {out} (pid {before}) stopped before it finished; its complete "
+              "outputs are kept", flush=True)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+    remove_stale_tmp(out)
+
+
+def unlock_out(out):
+    """Release the folder at the end of a finished run (the PID is cleared: nothing stopped early)."""
+    fd = _LOCKS.pop(os.path.realpath(out), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(out):
+    """Temporary files of interrupted atomic writes in OUT (NAME.PID.tmp, DIR.tmp/): only called under
+    the lock. Not recursive: subfolders may be other runs with locks of their own."""
+    for path in glob.glob(os.path.join(glob.escape(out), "*.tmp")):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+
 
 def atomic_write_bytes(path, write):
-    """write(tmp_path) then rename, so an interruption never leaves a half-written file."""
+    """write(tmp_path) then rename, so an interruption never leaves a half-written file. A failed write
+    (disk full, say) removes the temporary file, keeps the previous file and says so in one line."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # normal modes: some writers (safetensors) create files 0600
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        kept = "; the previous file is intact" if os.path.exists(path) else ""
+        raise UserError(f"could not write {path}: {reason}{kept}") from None
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj, path):
@@ -80,19 +231,76 @@ def write_json(path, obj):
     atomic_write_bytes(path, write)
 
 
-def refuse_overwrite(path, resume):
+def refuse_overwrite(path, resume, flag="--resume to continue that run"):
     """A run started without --resume must not silently replace an earlier run's results."""
     if not resume and os.path.exists(path):
-        raise UserError(f"{path} exists: pass --resume to continue that run, or another --out")
+        raise UserError(f"{path} exists: pass {flag}, or another --out")
+
+
+# ---------------------------------------------------------------- JSON lines that survive a cut line
+
+def read_jsonl(path, repair=False):
+    """The rows of a JSON-lines file. A last line cut by an interruption (no newline, or not JSON) is
+    dropped; with repair=True it is also cut from the file, so that appending continues cleanly."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    rows, good = [], 0
+    for line in data.split(b"\n")[:-1]:  # the part after the last newline is never complete
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good += len(line) + 1
+    if repair and good < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return rows
+
+
+def append_jsonl(path, rows):
+    """Append rows as one write of whole lines, flushed to disk: an interruption cuts at most the last line."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_json(path, what):
+    """A JSON file written by an earlier run, with a one-line error when it is cut or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{what} {path} is unreadable (cut by an interruption?); remove it and rerun "
+                        "with --resume") from None
+
+
+def check_finite_weights(state, source):
+    """Refuse weights with NaN or inf (a diverged run): every number computed from them would be
+    meaningless."""
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"{source} holds non-finite weights (NaN or inf in {k}); it comes from a diverged "
+                            "run: use an earlier checkpoint")
 
 
 def load_checkpoint(path, what="checkpoint"):
+    """torch.load(weights_only=True) with one-line errors for a missing, empty, cut or foreign file."""
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{what} {path} is empty (0 bytes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
-        raise UserError(f"could not read {what} {path}: {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e):
+            reason = "it holds pickled Python objects, which are not loaded since unpickling can run code"
+        elif "zip archive" in str(e) or "central directory" in str(e) or isinstance(e, (EOFError, RuntimeError)):
+            reason = f"not a complete torch checkpoint (truncated or another format?): {reason}"
+        raise UserError(f"could not read {what} {path}: {reason}") from None
 
 
 def sample_seed(*key):

@@ -5,6 +5,17 @@ load_split(path, split) reads, from a directory or straight from the archive:
     one), or the official .tar.gz; the names cifar10 / cifar100 mean ./data/<name>, downloaded if absent
   - Tiny-ImageNet: tiny-imagenet-200/ or its .zip ('test' = the labelled val split); name tinyimagenet
   - an image folder ROOT/{train,test}/<class>/*.{png,jpg,jpeg}, a .zip of it, or a directory of <split>.zip
+
+Order. Pickles keep file order (the paper's protocol: the first 1024 test images in file order).
+Image folders are class-interleaved: the k-th file (by name) of every class (by name) in turn, classes
+that run out dropped, so the first n images of a split are class-balanced (the first 1024 of the
+CIFAR-10 JPEG test set are ~102 per class, not 1000 airplanes and 24 automobiles). Tiny-ImageNet train
+is laid out like an image folder and is interleaved the same way (wnids.txt order of classes); its
+'test' keeps the listed order of val_annotations.txt, which is already mixed.
+
+Damaged input (a truncated archive, an unreadable image, a CIFAR batch that is not a pickle) is a
+UserError naming the file. CIFAR pickles are read by an unpickler that builds only dicts, lists,
+strings, numbers and numpy arrays, so a crafted file cannot run code.
 """
 import hashlib
 import io
@@ -14,15 +25,21 @@ import tarfile
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from addt_common import UserError
+
+try:  # numpy >= 2; the official pickles name numpy.core.multiarray, which both map here
+    from numpy._core.multiarray import _reconstruct
+except ImportError:
+    from numpy.core.multiarray import _reconstruct
 
 LAYOUTS = ("accepted layouts: CIFAR-10/100 python pickles (cifar-10-batches-py/ or cifar-100-python/, "
            "a directory holding one, or the official .tar.gz); Tiny-ImageNet (tiny-imagenet-200/ or its .zip); "
@@ -39,6 +56,9 @@ DOWNLOADS = {
                      "90528d7ca1a48142e341f4ef8d21d0de", "tiny-imagenet-200"),
 }
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+ARCHIVE_EXTS = (".zip", ".tar", ".tar.gz", ".tgz")
+# what a damaged .zip or .tar.gz raises while being read
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError)
 
 
 class ImageSet(NamedTuple):
@@ -59,9 +79,14 @@ class _Tree:
             self.zip = zipfile.ZipFile(path)
             self.files = {n for n in self.zip.namelist() if not n.endswith("/")}
         elif tarfile.is_tarfile(path):
-            self.tar = tarfile.open(path)
-            self.members = {m.name.removeprefix("./"): m for m in self.tar.getmembers() if m.isfile()}
+            try:  # listing a .tar.gz decompresses all of it: a truncated download fails here
+                self.tar = tarfile.open(path)
+                self.members = {m.name.removeprefix("./"): m for m in self.tar.getmembers() if m.isfile()}
+            except ARCHIVE_ERRORS as e:
+                raise _damaged(path, e) from None
             self.files = set(self.members)
+        elif path.lower().endswith(ARCHIVE_EXTS):  # an empty or cut-off download has no readable header
+            raise _damaged(path, "no archive header or directory found")
         else:
             raise UserError(f"{path} is not a directory, .zip or .tar.gz; {LAYOUTS}")
 
@@ -90,12 +115,15 @@ class _Tree:
         """The bytes of each name, in the order given."""
         if missing := [n for n in names if not self.isfile(n)]:
             raise UserError(f"{self.path}: {missing[0]} is missing")
-        if self.tar is not None:  # a .tar.gz only streams forwards: read members in archive order
-            order = sorted(names, key=lambda n: self.members[n].offset_data)
-            got = {n: self.tar.extractfile(self.members[n]).read() for n in order}
-            return [got[n] for n in names]
-        if self.zip is not None:  # read on one thread: ZipFile's reference counting is not thread-safe
-            return [self.zip.read(n) for n in names]
+        try:
+            if self.tar is not None:  # a .tar.gz only streams forwards: read members in archive order
+                order = sorted(names, key=lambda n: self.members[n].offset_data)
+                got = {n: self.tar.extractfile(self.members[n]).read() for n in order}
+                return [got[n] for n in names]
+            if self.zip is not None:  # read on one thread: ZipFile's reference counting is not thread-safe
+                return [self.zip.read(n) for n in names]
+        except ARCHIVE_ERRORS as e:
+            raise _damaged(self.path, e) from None
         out = []
         for n in names:
             with open(os.path.join(self.path, n), "rb") as f:
@@ -103,15 +131,30 @@ class _Tree:
         return out
 
 
+def _damaged(path, why):
+    return UserError(f"{path} is truncated or corrupt ({why}); download it again")
+
+
+def _image(tree, name, blob):
+    """One image file as an H x W x 3 uint8 array."""
+    try:
+        return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+    except UnidentifiedImageError:  # its own message names only an anonymous BytesIO
+        why = "no known image format"
+    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises on truncated or damaged data
+        why = str(e)
+    raise UserError(f"{tree.path}: {name} is not a readable image ({why})")
+
+
 def _decode(tree, names):
     """Decode image files into one uint8 N x 3 x H x W array; PIL's decoders release the GIL, so threads overlap."""
     blobs = tree.read_many(names)
-    first = np.asarray(Image.open(io.BytesIO(blobs[0])).convert("RGB"))
+    first = _image(tree, names[0], blobs[0])
     out = np.empty((len(names), 3, *first.shape[:2]), np.uint8)
 
     def some(start):  # chunks of 256: one future per image would cost more than a small decode
         for i in range(start, min(start + 256, len(names))):
-            a = np.asarray(Image.open(io.BytesIO(blobs[i])).convert("RGB"))
+            a = _image(tree, names[i], blobs[i])
             if a.shape != first.shape:
                 raise UserError(f"{tree.path}: {names[i]} is {a.shape[1]}x{a.shape[0]}, but {names[0]} is "
                                 f"{first.shape[1]}x{first.shape[0]}; all images of a split must have one size")
@@ -125,8 +168,45 @@ def _decode(tree, names):
 # ----------------------------------------------------------------------------------------------
 # one reader per layout: an ImageSet, or None when the layout is not at prefix p
 
-def _unpickle(blob):
-    return pickle.loads(blob, encoding="bytes")  # the official files were pickled by Python 2
+def _latin1(s, encoding):
+    """Python 3 pickles bytes at protocol 2 as _codecs.encode(str, 'latin1'): allow exactly that call."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"refused _codecs.encode(..., {encoding!r})")
+    return s.encode("latin1")
+
+
+# Every global a CIFAR batch needs. The official files are Python 2 pickles of dicts holding lists,
+# strings and numpy arrays: numpy.core.multiarray._reconstruct, numpy.ndarray, numpy.dtype. numpy 2
+# writes numpy._core; Python 3 writes bytes through _codecs.encode and, for b"", builtins.bytes.
+PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1,
+    ("__builtin__", "bytes"): bytes,
+    ("builtins", "bytes"): bytes,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Calls nothing outside PICKLE_GLOBALS: a crafted pickle's os.system (or any other callable) is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) not in PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+        return PICKLE_GLOBALS[module, name]
+
+
+def _unpickle(tree, name, blob, keys):
+    """The dict pickled in member `name`, which must hold `keys`."""
+    try:  # encoding="bytes": the official files were pickled by Python 2
+        d = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except Exception as e:  # garbage or cut-off bytes can raise nearly any type; all mean a bad file
+        raise UserError(f"{tree.path}: {name} is not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict) or any(k not in d for k in keys):
+        raise UserError(f"{tree.path}: {name} is not a CIFAR pickle (no dict with keys {[k.decode() for k in keys]})")
+    return d
 
 
 def _cifar(tree, p, split):
@@ -138,10 +218,14 @@ def _cifar(tree, p, split):
     else:
         return None
     blobs = tree.read_many([p + f for f in [meta] + files])
-    batches = [_unpickle(b) for b in blobs[1:]]
+    batches = [_unpickle(tree, p + f, b, (b"data", label_key)) for f, b in zip(files, blobs[1:])]
+    for f, b in zip(files, batches):
+        x = b[b"data"]
+        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.shape[1:] == (3072,)):
+            raise UserError(f"{tree.path}: {p + f} holds no N x 3072 uint8 'data' array")
     images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
     labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
-    classes = [c.decode() for c in _unpickle(blobs[0])[names_key]]
+    classes = [c.decode() for c in _unpickle(tree, p + meta, blobs[0], (names_key,))[names_key]]
     return ImageSet(torch.from_numpy(images), torch.from_numpy(labels).long(), classes)
 
 
@@ -150,11 +234,14 @@ def _tinyimagenet(tree, p, split):
         return None
     classes = tree.read_many([p + "wnids.txt"])[0].decode().split()
     index = {c: i for i, c in enumerate(classes)}
-    if split == "train":  # train/<wnid>/images/*.JPEG, in class order then by file name
-        files = [n.split("/")[-3:] for n in tree.walk(p + "train") if n.split("/")[-2] == "images"]
-        files = sorted((index[w], f) for w, _, f in files if w in index and f.lower().endswith(IMAGE_EXTS))
-        names = [f"{p}train/{classes[y]}/images/{f}" for y, f in files]
-        labels = [y for y, _ in files]
+    if split == "train":  # train/<wnid>/images/*.JPEG, class-interleaved like an image folder
+        per_class = [[] for _ in classes]
+        for w, _, f in sorted(n.split("/")[-3:] for n in tree.walk(p + "train") if n.split("/")[-2] == "images"):
+            if w in index and f.lower().endswith(IMAGE_EXTS):
+                per_class[index[w]].append(f)
+        order = _interleave(per_class)
+        names = [f"{p}train/{classes[y]}/images/{f}" for y, f in order]
+        labels = [y for y, _ in order]
     elif tree.isfile(p + "val/val_annotations.txt"):  # the labelled val split, in its listed order
         ann = tree.read_many([p + "val/val_annotations.txt"])[0]
         rows = [line.split("\t")[:2] for line in ann.decode().splitlines() if line.strip()]
@@ -166,17 +253,26 @@ def _tinyimagenet(tree, p, split):
     return ImageSet(_decode(tree, names), torch.tensor(labels), classes)
 
 
+def _interleave(per_class):
+    """[(label, file)] from per_class[label] = sorted files: the k-th file of every class in turn,
+    skipping classes that have run out, so any prefix is as class-balanced as the counts allow."""
+    return [(y, files[k]) for k in range(max(map(len, per_class), default=0))
+            for y, files in enumerate(per_class) if k < len(files)]
+
+
 def _folder(tree, p, split):
     if not tree.isdir(p + split):
         return None
-    files = [n[len(p + split) + 1:].split("/") for n in tree.walk(p + split)]
-    files = sorted((c, f) for c, f in (x for x in files if len(x) == 2) if f.lower().endswith(IMAGE_EXTS))
-    if not files:
+    by_class = {}
+    for x in sorted(n[len(p + split) + 1:].split("/") for n in tree.walk(p + split)):
+        if len(x) == 2 and x[1].lower().endswith(IMAGE_EXTS):
+            by_class.setdefault(x[0], []).append(x[1])
+    if not by_class:
         return None
-    classes = sorted({c for c, _ in files})
-    index = {c: i for i, c in enumerate(classes)}
-    images = _decode(tree, [f"{p}{split}/{c}/{f}" for c, f in files])
-    return ImageSet(images, torch.tensor([index[c] for c, _ in files]), classes)
+    classes = list(by_class)  # sorted by name, as the files were
+    order = _interleave(list(by_class.values()))
+    images = _decode(tree, [f"{p}{split}/{classes[y]}/{f}" for y, f in order])
+    return ImageSet(images, torch.tensor([y for y, _ in order]), classes)
 
 
 def _read_tree(tree, split):
@@ -224,7 +320,9 @@ def _named(name):
 
 def load_split(path, split):
     """The whole `split` ('train' or 'test') of the data set at `path` as an ImageSet, in a stable order:
-    file order for pickles; otherwise classes by name (Tiny-ImageNet: wnids.txt order), then file name."""
+    file order for CIFAR pickles and Tiny-ImageNet 'test' (val_annotations.txt); otherwise class-interleaved,
+    image i = file i // C (by name) of class i % C (classes by name; Tiny-ImageNet: wnids.txt order) while
+    every class still has files, then round-robin over the classes that do (see the module docstring)."""
     if split not in ("train", "test"):
         raise UserError(f"split must be 'train' or 'test', not {split!r}")
     if path in DOWNLOADS:

@@ -10,7 +10,9 @@ order the sampler uses them. A fresh generator, fixed tensors (`(eps, zs)` or a 
 attack's keyed noise (`KeyedNoise`) can stand behind it, so every attack setting works for every
 family and for a user's own purifier. Samplers draw their noise outside any checkpointed region.
 """
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -194,20 +196,51 @@ def ddpm_purifier(unet, sched):
     return Purifier(sched.sampler, ddpm_purify, unet, info, sched=sched)
 
 
+# what our DDPM/DDIM samplers implement; a diffusers pipeline's scheduler_config.json must agree
+SCHEDULER_EXPECTED = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+                      "prediction_type": "epsilon", "clip_sample": True, "trained_betas": None, "thresholding": False,
+                      "timestep_spacing": "leading", "steps_offset": 0, "clip_sample_range": 1.0}
+
+
+def check_scheduler_config(path):
+    """A pipeline directory (DIR/scheduler/scheduler_config.json) may describe a schedule our samplers do
+    not implement (cosine betas, v-prediction, ...): refuse it instead of purifying with the wrong one."""
+    cfg_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(cfg_path):
+        return
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{cfg_path} is not valid JSON") from None
+    wrong = [f"{k}={cfg[k]!r} (we implement {v!r})" for k, v in SCHEDULER_EXPECTED.items()
+             if k in cfg and not (cfg[k] == v or isinstance(v, float) and isinstance(cfg[k], (int, float))
+                                  and math.isclose(cfg[k], v, rel_tol=1e-9))]
+    if cfg.get("variance_type", "fixed_large") not in ("fixed_large", "fixed_small"):
+        wrong.append(f"variance_type={cfg['variance_type']!r}")
+    if wrong:
+        raise UserError(f"{path}: its scheduler uses settings our DDPM/DDIM samplers do not implement: "
+                        f"{', '.join(wrong)}; purification here is the linear 1e-4..0.02 schedule over 1000 steps, "
+                        "epsilon prediction, clipped x0 (SPEC.md)")
+
+
 def load_unet(path, **overrides):
-    """The diffusers-layout UNet at `path`, with a clear error when it is missing or mismatched."""
+    """The diffusers-layout UNet at `path` (a UNet folder or a pipeline folder, whose scheduler config
+    is checked), with a clear error when it is missing, unreadable or mismatched."""
     from models.unet import UNet
     hint = ("pass --ddpm DIR holding config.json + diffusion_pytorch_model.safetensors (for example the "
             "google/ddpm-cifar10-32 repository from https://huggingface.co/google/ddpm-cifar10-32, or the "
             "export of train_addt.py, which also trains one from scratch with --init scratch)")
     if not path:
         raise UserError(f"no diffusion model given: {hint}")
+    if os.path.isdir(path):
+        check_scheduler_config(path)
     try:
         return UNet.from_pretrained(path, **overrides)
     except FileNotFoundError as e:
-        raise UserError(f"{e}; {hint}") from e
+        raise UserError(f"{e}; {hint}") from None
     except ValueError as e:
-        raise UserError(f"diffusion model {path} does not match its config: {e}") from e
+        raise UserError(f"diffusion model {path}: {e}") from None
 
 
 def add_purification_args(p):
@@ -244,3 +277,249 @@ def load_inputs(args, device, defended=True):
         unet = prepare_model(unet, device, args.channels_last, args.compile)
     classifier = prepare_model(classifier, device, args.channels_last, args.compile)
     return unet, classifier, data.images[:args.n], data.labels[:args.n]
+
+
+# ---------------------------------------------------------------- the diffusion models of every family
+
+FAMILY_FLAGS = {"ddpm": "ddpm", "ddim": "ddpm", "vpsde": "vpsde", "edm": "edm"}  # --defense -> its model flag
+
+
+def _find(path, patterns, what):
+    """path itself, or the one file in the folder `path` matching the patterns (a train_addt.py export)."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise UserError(f"{what} not found: {path}")
+    import glob
+    found = sorted(f for p in patterns for f in glob.glob(os.path.join(glob.escape(path), p)))
+    if len(found) != 1:
+        raise UserError(f"{path}: expected one {what} ({' or '.join(patterns)}) in the folder, found {len(found)}")
+    return found[0]
+
+
+def load_diffusion_model(family, path):
+    """The pretrained model of a family, in eval mode on the CPU: ddpm/ddim a diffusers UNet folder, vpsde a
+    score_sde checkpoint (EMA weights, as DiffPure), edm an EDM pickle or the ADDT authors' .pth export;
+    a train_addt.py export folder works for each. One-line errors for missing or bad files."""
+    family = FAMILY_FLAGS[family]
+    if not path:
+        raise UserError(f"no diffusion model given: pass --{family} PATH")
+    try:
+        if family == "ddpm":
+            return load_unet(path)
+        if family == "vpsde":
+            from models.ncsnpp import load_score_sde
+            return load_score_sde(_find(path, ["checkpoint*.pth", "*.pth"], "score_sde checkpoint"))
+        from models.edm import load_edm
+        return load_edm(_find(path, ["*.pkl", "*.pth"], "EDM network pickle or .pth"))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise UserError(f"diffusion model {path}: {e}") from None
+
+
+def new_diffusion_model(family, config=None):
+    """Random weights of a family's architecture (its paper config when config is None)."""
+    if family == "vpsde":
+        from models.ncsnpp import NCSNpp
+        return NCSNpp(config)
+    from models.edm import new_edm
+    return new_edm(config)
+
+
+def save_diffusion_model(family, model, folder, step=0):
+    """Write the weights in the family's own format: a diffusers DDPMPipeline folder (ddpm), a score_sde
+    checkpoint.pth with the weights as its EMA (vpsde: DiffPure and load_diffusion_model read it), the
+    ADDT authors' state-dict .pth (edm); each with the config beside it."""
+    os.makedirs(folder, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if family == "ddpm":
+        model.save_pretrained(os.path.join(folder, "unet"))
+        scheduler = {"_class_name": "DDPMScheduler", "variance_type": "fixed_large", **SCHEDULER_EXPECTED}
+        for name, obj in (("scheduler/scheduler_config.json", scheduler),
+                          ("model_index.json", {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+                                                "unet": ["diffusers", "UNet2DModel"]})):
+            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+            with open(os.path.join(folder, name), "w") as f:
+                json.dump(obj, f, indent=2)
+        return
+    if family == "vpsde":
+        torch.save({"model": {f"module.{k}": v for k, v in sd.items()},
+                    "ema": {"decay": 0.9999, "num_updates": step,
+                            "shadow_params": [p.detach().cpu() for p in model.parameters()]},
+                    "step": step}, os.path.join(folder, "checkpoint.pth"))
+    else:
+        torch.save(sd, os.path.join(folder, "edm-ema.pth"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(model.config, f, indent=2)
+
+
+# ---------------------------------------------------------------- EDM (ADDT's EDM purification)
+
+def edm_schedule(sigma_max=0.5, num_steps=50, S_churn=6.0, S_min=0.01, S_max=0.46, S_noise=1.007,
+                 sigma_min=0.002, rho=7.0):
+    """The noise levels of EDM's stochastic sampler (Karras et al. 2022, eq. 5 and Algorithm 2) started at
+    sigma_max: t_steps (N+1,) from sigma_max down to sigma_min, then 0; gamma (N,), the churn of step i,
+    on where S_min <= t_cur <= S_max; t_hat = t_cur + gamma t_cur; churn = sqrt(t_hat^2 - t_cur^2) S_noise,
+    the std of the noise step i adds. CPU float32 in the official order of operations (ADDT's
+    sampler/edm.py works in float32, where EDM's generate.py uses float64), so they equal ADDT's bit for bit."""
+    if num_steps < 2:
+        raise UserError(f"EDM purification needs at least 2 steps (the schedule divides by N - 1), got {num_steps}")
+    if not sigma_max > sigma_min > 0:
+        raise UserError(f"EDM purification needs sigma_max > sigma_min > 0, got {sigma_max} and {sigma_min}")
+    i = torch.arange(num_steps, dtype=torch.float32)
+    t_steps = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = torch.cat([t_steps, torch.zeros(1)])  # t_N = 0
+    t_cur = t_steps[:-1]
+    gamma = torch.where((S_min <= t_cur) & (t_cur <= S_max), min(S_churn / num_steps, math.sqrt(2) - 1), 0.0)
+    t_hat = t_cur + gamma * t_cur
+    churn = (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise
+    return t_steps, gamma, t_hat, churn
+
+
+def heun_step(net, x_hat, t_hat, t_next, second_order):
+    """EDM Algorithm 2, lines 7-10: an Euler step from x_hat at t_hat to t_next, then the trapezoidal
+    (2nd order) correction, which the last step (t_next = 0) skips."""
+    d_cur = (x_hat - net(x_hat, t_hat)) / t_hat
+    x_next = x_hat + (t_next - t_hat) * d_cur
+    if second_order:
+        d_prime = (x_next - net(x_next, t_next)) / t_next
+        x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def edm_purify(net, x, noise=None, sigma_max=0.5, num_steps=50, S_churn=6.0, S_min=0.01, S_max=0.46, S_noise=1.007,
+               sigma_min=0.002, rho=7.0, grad_checkpoint=False, trace=None):
+    """ADDT's EDM purification (EDMStochasticSampler.purify; purify_lock with replayed draws): an image in
+    [0, 1] -> 2x - 1, plus noise of std sigma_max (VE style: the image is not scaled), then EDM's stochastic
+    Heun sampler from sigma_max to 0 (2 num_steps - 1 calls of the denoiser `net(x, sigma)`), and back to
+    [0, 1], clamped. S_churn = 0 is the deterministic (EDM-ODE) variant.
+    noise: see the module docstring; draw 0 is the forward noise and draw 1 + i the churn noise of step i,
+    taken at every step even where gamma = 0 (as the official code does), so the indices never shift.
+    grad_checkpoint recomputes each step's denoiser calls in the backward pass (one image kept per step).
+    trace: an optional list that receives x after the forward noise, then x_hat_i and x_{i+1} of every
+    step i, in [-1, 1] before the clamp: x_hat_i = trace[1 + 2 i], x_{i+1} = trace[2 + 2 i]."""
+    noise = as_noise(noise)
+    t_steps, _, t_hat, churn = edm_schedule(sigma_max, num_steps, S_churn, S_min, S_max, S_noise, sigma_min, rho)
+    t_steps, t_hat, churn = t_steps.to(x.device), t_hat.to(x.device), churn.to(x.device)  # once, not per step
+    x = (2 * x - 1) + noise(0, x) * sigma_max
+    if trace is not None:
+        trace.append(x.detach())
+    for i in range(num_steps):
+        x_hat = x + churn[i] * noise(1 + i, x)
+        args = (net, x_hat, t_hat[i], t_steps[i + 1], i < num_steps - 1)
+        if grad_checkpoint and torch.is_grad_enabled():
+            x = checkpoint(heun_step, *args, use_reentrant=False)
+        else:
+            x = heun_step(*args)
+        if trace is not None:
+            trace += [x_hat.detach(), x.detach()]
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def edm_purifier(net, sigma_max=0.5, num_steps=50, S_churn=6.0, S_min=0.01, S_max=0.46, S_noise=1.007,
+                 sigma_min=0.002, rho=7.0):
+    """ADDT's EDM defence around the denoiser `net` (models/edm.py); the defaults are those of ADDT's
+    script_edm_sde/edm_run_*.sh (t* = sigma_max = 0.5, 50 steps, churn 6)."""
+    settings = dict(sigma_max=sigma_max, num_steps=num_steps, S_churn=S_churn, S_min=S_min, S_max=S_max,
+                    S_noise=S_noise, sigma_min=sigma_min, rho=rho)
+    t_steps, gamma, _, _ = edm_schedule(**settings)
+    info = {"family": "edm", "variant": "sde" if S_churn > 0 else "ode", "sigma_max": sigma_max, "steps": num_steps,
+            "S_churn": S_churn, "S_min": S_min, "S_max": S_max, "S_noise": S_noise, "sigma_min": sigma_min, "rho": rho,
+            "t_steps": t_steps.tolist(), "churn_steps": int((gamma > 0).sum()), "model_calls": 2 * num_steps - 1}
+    return Purifier("edm", edm_purify, net, info, **settings)
+
+
+# ---------------------------------------------------------------- VP-SDE (DiffPure)
+
+VPSDE_EPS = 1e-5  # DiffPure integrates the reverse SDE down to forward time 1e-5, not 0
+
+
+def vpsde_t_index(t_star, T=T):
+    """DiffPure's integer t, t* = t / T (its --t 100 is t* = 0.1)."""
+    t = round(t_star * T)
+    if not 0 < t < T or abs(t_star * T - t) > 1e-6:
+        raise UserError(f"--t-star {t_star} must be a multiple of 1/{T} in (0, 1) for the VP-SDE "
+                        f"(DiffPure's --t counts steps of 1/{T}, e.g. 0.1 = --t 100)")
+    return t
+
+
+def vpsde_times(t_star=0.1, dt=1e-3):
+    """The Euler grid in torchsde time s (forward time tau = 1 - s) from 1 - t* to 1 - 1e-5, float32, built
+    as torchsde's fixed-step loop builds it, s_{k+1} = min(fl32(s_k + dt), s_end): 100 steps for t* = 0.1,
+    the last one shorter (0.00099128), and up to 1.3e-6 away from s_0 + k dt."""
+    if not dt > 0:
+        raise UserError(f"the VP-SDE step dt must be positive, got {dt}")
+    s0, end = torch.tensor([1 - vpsde_t_index(t_star) / T, 1 - VPSDE_EPS])  # DiffPure: linspace(1 - t/1000, 1 - 1e-5, 2)
+    times = [s0]
+    while times[-1] < end:
+        times.append(torch.minimum(times[-1] + dt, end))
+    return torch.stack(times)
+
+
+def vpsde_beta_std(tau, beta_min=0.1, beta_max=20.0):
+    """beta(tau) of the linear VP schedule (Song et al. 2021, eq. 11) and the std of x_tau given x_0
+    (score_sde's VPSDE.marginal_prob), in its order of operations."""
+    beta = beta_min + tau * (beta_max - beta_min)
+    log_mean = -0.25 * tau ** 2 * (beta_max - beta_min) - 0.5 * tau * beta_min
+    return beta, torch.sqrt(1.0 - torch.exp(2.0 * log_mean))
+
+
+def vpsde_coefficients(times, beta_min=0.1, beta_max=20.0):
+    """(steps, 6) float32: per step k, the network label 999 tau, std(tau), beta(tau) / 2, g^2 with
+    g = sqrt(beta(tau)) the diffusion, dt_k = s_{k+1} - s_k and g sqrt(dt_k), all at tau = 1 - s_k, as
+    DiffPure's RevVPSDE computes them."""
+    s = times[:-1]
+    dt = times[1:] - s
+    tau = 1 - s
+    beta, std = vpsde_beta_std(tau, beta_min, beta_max)
+    g = torch.sqrt(beta)
+    return torch.stack([tau * 999, std, 0.5 * beta, g ** 2, dt, g * dt.sqrt()], dim=1)
+
+
+def vpsde_step(model, y, z, coef):
+    """One Euler-Maruyama step of the reverse VP-SDE (Song et al. 2021, eq. 6) in torchsde time s:
+    y + f(s, y) dt + g(s) sqrt(dt) z with f(s, y) = -(-beta y / 2 - g^2 score), score = -model(y, 999 tau) / std."""
+    label, std, half_beta, g2, dt, g_sqrt_dt = coef
+    score = -model(y, label.expand(y.shape[0])).to(y.dtype) / std
+    return y + (half_beta * y + g2 * score) * dt + g_sqrt_dt * z
+
+
+def vpsde_purify(model, x, noise=None, t_star=0.1, beta_min=0.1, beta_max=20.0, dt=1e-3, grad_checkpoint=False,
+                 trace=None):
+    """DiffPure (Nie et al. 2022, eqs. 2-4) with a score_sde VP model (models/ncsnpp.py), as its
+    RevGuidedDiffusion runs it: an image in [0, 1] -> x_0 = 2x - 1, diffused to t = t* T with the DISCRETE
+    alpha_bar[t - 1] of the betas linspace(beta_min, beta_max) / T (DiffPure's forward step; the continuous
+    one would differ), then the reverse VP-SDE from forward time t* down to 1e-5 with torchsde's fixed-step
+    Euler-Maruyama (`sdeint(method='euler', dt=dt)`, the grid of vpsde_times), and (x_0 + 1) / 2.
+    NOT clamped: DiffPure feeds its classifier exactly this, which can leave [0, 1].
+    noise: see the module docstring; draw 0 is the forward noise, draw 1 + k the standard normal z_k of
+    step k, whose Brownian increment is dW_k = sqrt(dt_k) z_k (to replay torchsde's, pass dW_k / sqrt(dt_k)).
+    grad_checkpoint recomputes each network call in the backward pass. trace: an optional list that
+    receives the state after the forward diffusion and after every step (model space, [-1, 1] scale)."""
+    noise = as_noise(noise)
+    alpha_bar = linear_alpha_bar(T, beta_min / T, beta_max / T)[vpsde_t_index(t_star) - 1]
+    y = diffuse(x, noise(0, x), float(alpha_bar))
+    coefs = vpsde_coefficients(vpsde_times(t_star, dt), beta_min, beta_max).to(x.device, x.dtype)  # once, no syncs
+    if trace is not None:
+        trace.append(y.detach())
+    for k, coef in enumerate(coefs):
+        z = noise(1 + k, y)
+        if grad_checkpoint and torch.is_grad_enabled():
+            y = checkpoint(vpsde_step, model, y, z, coef, use_reentrant=False)
+        else:
+            y = vpsde_step(model, y, z, coef)
+        if trace is not None:
+            trace.append(y.detach())
+    return (y + 1) / 2
+
+
+def vpsde_purifier(model, t_star=0.1, beta_min=0.1, beta_max=20.0, dt=1e-3):
+    """DiffPure's defence around a score_sde NCSN++ (models/ncsnpp.load_score_sde); the defaults are its
+    CIFAR-10 settings (--t 100, the Linf runs; its L2 runs use t* = 0.125)."""
+    settings = dict(t_star=t_star, beta_min=beta_min, beta_max=beta_max, dt=dt)
+    times = vpsde_times(t_star, dt)
+    steps = len(times) - 1
+    t = vpsde_t_index(t_star)
+    info = {"family": "vpsde", "t_star": t, "beta_min": beta_min, "beta_max": beta_max, "dt": dt, "steps": steps,
+            "alpha_bar_star": float(linear_alpha_bar(T, beta_min / T, beta_max / T)[t - 1]),
+            "sde_times": [float(times[0]), float(times[-1])], "model_calls": steps, "noise_draws": 1 + steps}
+    return Purifier("vpsde", vpsde_purify, model, info, **settings)

@@ -8,7 +8,7 @@
         --mean 0.5071 0.4865 0.4409 --std 0.2673 0.2564 0.2762
     python train_classifier.py --out runs/wrn-28-10 --resume      # continue after the last finished epoch
 
-Writes OUT/args.json; OUT/ckpt.pt after every epoch (weights, optimizer, scheduler, epoch, history;
+Writes OUT/args.json; OUT/ckpt.pt after every epoch (weights, optimizer, epoch, history, flags;
 written atomically); at the end OUT/classifier.pt (what `--classifier` of purify.py, attack.py and
 train_addt.py loads) and OUT/results.json. Under torchrun each process takes global batch / N images
 per step. Data order, augmentation and any other randomness are keyed by (seed, rank, epoch), so a
@@ -16,6 +16,7 @@ run resumed at an epoch boundary gives the same weights, bit for bit, as one nev
 CUDA only up to cuDNN's non-deterministic kernels).
 """
 import argparse
+import math
 import os
 import time
 
@@ -24,8 +25,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from addt_common import (Dist, Progress, UserError, atomic_save, autocast, format_seconds, load_checkpoint,
-                    markdown_table, refuse_overwrite, resolve_precision, run_main, sample_seed, write_json)
+from addt_common import (Dist, Progress, UserError, atomic_save, autocast, check_device, check_finite_weights,
+                         check_out_dir, check_positive, check_range, format_seconds, load_checkpoint, lock_out,
+                         markdown_table, refuse_overwrite, require, resolve_precision, run_main, sample_seed,
+                         unlock_out, write_json)
 from addt_data import epoch_indices, load_split, random_crop_flip, shard, to_float
 from models import CIFAR10_MEAN, CIFAR10_STD, build_classifier, classifier_checkpoint
 
@@ -52,11 +55,45 @@ def parse_args(argv=None):
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    args = p.parse_args(argv)
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, not {args.epochs}")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (the same flags)")
+    p.add_argument("--extend", action="store_true", help="with --resume: continue to a larger --epochs (the cosine "
+                   "schedule is recomputed for the new length, never restarted)")
+    return check_args(p.parse_args(argv))
+
+
+def check_args(args):
+    """Every numeric flag, before anything is loaded."""
+    check_positive(args, "epochs", "global_batch", "eval_n", "eval_batch", "max_steps_per_epoch", "lr")
+    check_range(args, "weight_decay", 0, math.inf, hi_open=True)
+    check_range(args, "momentum", 0, 1)
+    require(args.seed >= 0, f"--seed must be non-negative, not {args.seed}")
+    require(all(math.isfinite(v) for v in args.mean + args.std) and min(args.std) > 0,
+            f"--mean must be finite and --std positive, not {args.mean} / {args.std}")
+    require(not args.extend or args.resume, "--extend continues a run: pass it with --resume")
+    check_device(args.device)
+    check_out_dir(args.out)
     return args
+
+
+# flags that change the weights a run produces: --resume must keep them (--epochs only with --extend)
+RESULT_FLAGS = ("arch", "data", "epochs", "global_batch", "lr", "momentum", "weight_decay", "mean", "std", "seed",
+                "max_steps_per_epoch", "precision", "channels_last", "world")
+
+
+def check_same_run(before, args, world):
+    now = {**vars(args), "world": world}
+    changed = [k for k in RESULT_FLAGS if k in before and before[k] != now[k] and not (k == "epochs" and args.extend)]
+    diffs = ", ".join(f"--{k.replace('_', '-')} {before[k]} -> {now[k]}" for k in changed)
+    require(not changed, f"--resume with other settings than the checkpoint was made with ({diffs}); use the same "
+            "flags (--extend allows a larger --epochs) or another --out")
+    require(not args.extend or args.epochs >= before["epochs"],
+            f"--extend makes a run longer: --epochs {args.epochs} < {before['epochs']}")
+
+
+def cosine_lr(lr, epoch, epochs):
+    """lr of `epoch` on a cosine from lr to 0 over `epochs` (CosineAnnealingLR's curve, closed form, so
+    an extended run follows the new length from where it is)."""
+    return 0.5 * lr * (1 + math.cos(math.pi * epoch / epochs))
 
 
 def train_epoch(model, opt, images, labels, idx, per_rank, g, amp, args, progress):
@@ -72,6 +109,9 @@ def train_epoch(model, opt, images, labels, idx, per_rank, g, amp, args, progres
         with amp():
             logits = model(x).float()
             loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):  # one host sync per step: a diverged run must not go on (or be saved)
+            raise UserError(f"non-finite training loss at step {k + 1} of this epoch (lr too high? NaN in the data?); "
+                            "stopped: the last checkpoint holds the weights of the last finished epoch")
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients over processes here
         opt.step()
@@ -109,20 +149,22 @@ def sync_buffers(classifier, d):
             dist.broadcast(b, 0)
 
 
-def checkpoint(classifier, args, history, opt=None, sched=None):
+def checkpoint(classifier, args, history, world, opt=None):
     """One plain dict: models.classifier_checkpoint's keys plus the training state. No `rng` entry:
-    everything random is re-seeded from (seed, rank, epoch), so resuming needs no RNG state."""
-    ckpt = {**classifier_checkpoint(classifier, args.arch), "epoch": len(history), "args": vars(args),
-            "history": history}
+    everything random is re-seeded from (seed, rank, epoch), so resuming needs no RNG state. Weights
+    with NaN or inf are never written."""
+    ckpt = {**classifier_checkpoint(classifier, args.arch), "epoch": len(history),
+            "args": {**vars(args), "world": world}, "history": history}
+    check_finite_weights(ckpt["model"], "the classifier being trained")
     if opt is not None:
-        ckpt.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
+        ckpt["optimizer"] = opt.state_dict()
     return ckpt
 
 
 def main(argv=None):
     args = parse_args(argv)
     d = Dist(args.device)
-    refuse_overwrite(os.path.join(args.out, "ckpt.pt"), args.resume)  # before any loading
+    d.agree(lambda: (refuse_overwrite(os.path.join(args.out, "ckpt.pt"), args.resume), lock_out(args.out)))
     if args.global_batch % d.world:
         raise UserError(f"--global-batch {args.global_batch} does not split evenly over {d.world} processes")
     per_rank = args.global_batch // d.world
@@ -143,18 +185,19 @@ def main(argv=None):
         classifier = classifier.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(classifier.parameters(), lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
     ckpt_path, history = os.path.join(args.out, "ckpt.pt"), []
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, "classifier training checkpoint")
-        if ckpt.get("arch") != args.arch or "optimizer" not in ckpt:
-            raise UserError(f"{ckpt_path} holds a {ckpt.get('arch')} training checkpoint, not one of --arch "
-                            f"{args.arch}; pass --arch {ckpt.get('arch')} or another --out")
+        if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "arch" not in ckpt:
+            raise UserError(f"{ckpt_path} is not a train_classifier.py training checkpoint")
+        if ckpt["arch"] != args.arch:
+            raise UserError(f"{ckpt_path} holds a {ckpt['arch']} training checkpoint, not one of --arch "
+                            f"{args.arch}; pass --arch {ckpt['arch']} or another --out")
         if ckpt["num_classes"] != len(train.classes):
             raise UserError(f"{ckpt_path} has {ckpt['num_classes']} classes, {args.data} {len(train.classes)}")
+        check_same_run(ckpt["args"], args, d.world)
         classifier.net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
         history = ckpt["history"]
 
     # epoch_indices gives every rank len // world images; steps drop the last incomplete batch
@@ -168,7 +211,7 @@ def main(argv=None):
 
     if d.master:
         os.makedirs(args.out, exist_ok=True)
-        write_json(os.path.join(args.out, "args.json"), {**vars(args), "world": d.world, "precision": precision})
+        write_json(os.path.join(args.out, "args.json"), {**vars(args), "world": d.world, "precision_used": precision})
         print(f"{args.arch} on {args.data} ({len(train.classes)} classes, {len(train_y)} train / {eval_n} test "
               f"images): {args.epochs} epochs of {steps} steps of {args.global_batch} ({d.world} x {per_rank}), "
               f"{precision}, from epoch {len(history)}", flush=True)
@@ -178,17 +221,18 @@ def main(argv=None):
         torch.manual_seed(sample_seed(args.seed, d.rank, epoch, 1))  # dropout, if an arch has any
         g = torch.Generator(device=d.device).manual_seed(sample_seed(args.seed, d.rank, epoch))
         idx = epoch_indices(len(train_y), epoch, args.seed, d.rank, d.world)[:steps * per_rank].to(d.device)
-        lr, t0, progress.label = opt.param_groups[0]["lr"], time.time(), f"epoch {epoch + 1}/{args.epochs}"
+        lr, t0, progress.label = cosine_lr(args.lr, epoch, args.epochs), time.time(), f"epoch {epoch + 1}/{args.epochs}"
+        for group in opt.param_groups:
+            group["lr"] = lr
         stats = train_epoch(model, opt, train_x, train_y, idx, per_rank, g, amp, args, progress)
         loss_sum, correct, seen = d.all_sum(stats).tolist()
         seconds = time.time() - t0
-        sched.step()
         sync_buffers(classifier, d)
         test_acc = evaluate(classifier, test_x, test_y, d, amp, args)
         history.append({"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                         "test_acc": test_acc, "images_per_s": seen / seconds})
         if d.master:
-            atomic_save(checkpoint(classifier, args, history, opt, sched), ckpt_path)
+            atomic_save(checkpoint(classifier, args, history, d.world, opt), ckpt_path)
             eta = progress.elapsed / progress.done * (progress.total - progress.done)
             print(f"epoch {epoch + 1}/{args.epochs}  step {steps}/{steps}  loss {loss_sum / seen:.4f}  "
                   f"train acc {correct / seen:.2%}  test acc {test_acc:.2%}  {seen / seconds:.0f} img/s  "
@@ -201,7 +245,7 @@ def main(argv=None):
                "images_per_s": sum(h["images_per_s"] for h in history) / len(history),
                "history": history, "args": vars(args)}
     if d.master:
-        atomic_save(checkpoint(classifier, args, history), os.path.join(args.out, "classifier.pt"))
+        atomic_save(checkpoint(classifier, args, history, d.world), os.path.join(args.out, "classifier.pt"))
         write_json(os.path.join(args.out, "results.json"), results)
         row = {"arch": args.arch, "data": args.data, "epochs": len(history), "train loss": f"{last['train_loss']:.4f}",
                "train acc": f"{last['train_acc']:.2%}", "test acc": f"{last['test_acc']:.2%}",
@@ -209,6 +253,7 @@ def main(argv=None):
         print(markdown_table([row], list(row)))
         print(f"classifier: {os.path.join(args.out, 'classifier.pt')} (use: python attack.py --classifier ...)")
     d.barrier()
+    unlock_out(args.out)
     return results
 
 

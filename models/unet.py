@@ -91,7 +91,8 @@ class Attention(nn.Module):
         inner = self.heads * head_dim
         self.group_norm = nn.GroupNorm(groups, ch, eps)
         self.to_q, self.to_k, self.to_v = nn.Linear(ch, inner), nn.Linear(ch, inner), nn.Linear(ch, inner)
-        self.to_out = nn.ModuleList([nn.Linear(inner, ch)])
+        # diffusers' to_out = [Linear, Dropout(0)]: training sets every Dropout of the UNet, this one included
+        self.to_out = nn.ModuleList([nn.Linear(inner, ch), nn.Dropout(0.0)])
 
     def forward(self, x):
         n, c, h, w = x.shape
@@ -100,7 +101,7 @@ class Attention(nn.Module):
                    for f in (self.to_q, self.to_k, self.to_v))
         # fused SDPA accumulates the softmax in fp32 for bf16/fp16 inputs; fp64 takes the exact math path
         o = F.scaled_dot_product_attention(q, k, v).to(q.dtype).transpose(1, 2).reshape(n, h * w, -1)
-        o = self.to_out[0](o).transpose(1, 2).reshape(n, c, h, w)  # a channels_last view
+        o = self.to_out[1](self.to_out[0](o)).transpose(1, 2).reshape(n, c, h, w)  # a channels_last view
         return (o + x) / self.scale  # o first, as diffusers: the sum (and what follows) stays channels_last
 
 
@@ -184,8 +185,33 @@ class MidBlock(nn.Module):
         return self.resnets[1](h, temb)
 
 
+INT_FIELDS = ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", "freq_shift", "downsample_padding")
+
+
 def check_config(config):
+    """The config with diffusers' defaults filled in; ValueError naming the field for anything this UNet
+    does not implement or a value of the wrong type."""
+    if not isinstance(config, dict):
+        raise ValueError(f"UNet config must be a JSON object, not {type(config).__name__}")
     c = {**DEFAULTS, **{k: v for k, v in config.items() if k in DEFAULTS}}
+    for field in INT_FIELDS:
+        if not isinstance(c[field], int) or isinstance(c[field], bool) or c[field] < 0:
+            raise ValueError(f"UNet config: {field} must be a non-negative integer, not {c[field]!r}")
+    if c["layers_per_block"] < 1 or c["norm_num_groups"] < 1:
+        raise ValueError("UNet config: layers_per_block and norm_num_groups must be at least 1")
+    for field in ("block_out_channels", "down_block_types", "up_block_types"):
+        if not isinstance(c[field], (list, tuple)) or not c[field]:
+            raise ValueError(f"UNet config: {field} must be a non-empty list, not {c[field]!r}")
+    if any(not isinstance(ch, int) or isinstance(ch, bool) or ch < 1 or ch % c["norm_num_groups"]
+           for ch in c["block_out_channels"]):
+        raise ValueError(f"UNet config: block_out_channels {c['block_out_channels']} must be positive integers "
+                         f"divisible by norm_num_groups {c['norm_num_groups']}")
+    for field in ("flip_sin_to_cos", "center_input_sample", "add_attention"):
+        if not isinstance(c[field], bool):
+            raise ValueError(f"UNet config: {field} must be true or false, not {c[field]!r}")
+    for field in ("norm_eps", "dropout", "mid_block_scale_factor"):
+        if not isinstance(c[field], (int, float)) or isinstance(c[field], bool):
+            raise ValueError(f"UNet config: {field} must be a number, not {c[field]!r}")
     for field, ok in SUPPORTED.items():
         if c[field] not in ok:
             raise ValueError(f"unsupported UNet config: {field}={c[field]!r} (this UNet implements {ok})")
@@ -251,10 +277,24 @@ class UNet(nn.Module):
         unknown = [k for k in config_overrides if k not in DEFAULTS]
         if unknown:
             raise ValueError(f"unknown UNet config override(s) {unknown}")
-        with open(os.path.join(folder, "config.json")) as f:
-            model = cls({**json.load(f), **config_overrides})
+        config_path = os.path.join(folder, "config.json")
+        try:
+            with open(config_path) as f:
+                config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+        model = cls({**config, **config_overrides})
         w = weights[0]  # safetensors when both are there
-        sd = load_file(w) if w.endswith(".safetensors") else torch.load(w, map_location="cpu", weights_only=True)
+        try:
+            sd = load_file(w) if w.endswith(".safetensors") else torch.load(w, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, empty or foreign files raise many different types
+            raise ValueError(f"could not read the weights {w} (truncated or not a weights file?): "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        if not isinstance(sd, dict):
+            raise ValueError(f"{w} holds a {type(sd).__name__}, not a state dict")
+        bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"{w} holds non-finite weights (NaN or inf in {bad[0]}): a diverged run")
         model.load_checked(sd, w)
         return model
 

@@ -2,6 +2,7 @@ import hashlib
 import io
 import os
 import pickle
+import struct
 import tarfile
 import zipfile
 
@@ -102,7 +103,7 @@ def test_cifar10_pickles(tmp_path, split):
     open(os.path.join(d, "readme.html"), "w").close()
     archive = tar_gz(d, tmp_path / "cifar-10-python.tar.gz", CIFAR10_TAR_ORDER)
     for path in [d, tmp_path / "src", archive]:  # the folder, a folder holding it, the .tar.gz
-        check(data.load_split(str(path), split), *want[split], CIFAR10_NAMES)
+        check(data.load_split(str(path), split), *want[split], CIFAR10_NAMES)  # file order, not interleaved
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -113,6 +114,42 @@ def test_cifar100_pickles(tmp_path, split):
         s = data.load_split(str(path), split)
         check(s, *want[split])
         assert len(s.classes) == 100 and s.classes[7] == "c07"
+
+
+def py2_pickle(d):
+    """What Python 2's cPickle (protocol 2) wrote for the official batches: str as SHORT_BINSTRING /
+    BINSTRING, numpy 1's numpy.core.multiarray._reconstruct. d holds bytes, ints, lists, uint8 matrices."""
+    def s(b):
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def i(v):
+        return b"K" + bytes([v]) if v < 256 else b"M" + struct.pack("<H", v)
+
+    def obj(v):
+        if isinstance(v, bytes):
+            return s(v)
+        if isinstance(v, int):
+            return i(v)
+        if isinstance(v, list):
+            return b"](" + b"".join(map(obj, v)) + b"e"
+        dtype = (b"cnumpy\ndtype\n" + s(b"u1") + i(0) + i(1) + b"\x87R("  # dtype('u1'), then its state:
+                 + i(3) + s(b"|") + b"NNN" + b"J\xff\xff\xff\xff" * 2 + i(0) + b"tb")  # (3, '|', None x3, -1, -1, 0)
+        return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + i(0) + b"\x85" + s(b"b") + b"\x87R("
+                + i(1) + i(v.shape[0]) + i(v.shape[1]) + b"\x86" + dtype + b"\x89" + s(v.tobytes()) + b"tb")
+    return b"\x80\x02}(" + b"".join(s(k) + obj(v) for k, v in d.items()) + b"u."
+
+
+def test_cifar10_python2_pickles(tmp_path):
+    """The official files' own encoding gets past the restricted unpickler."""
+    d, want = make_cifar10(tmp_path, np.random.default_rng(12))
+    x, y = want["test"]
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(
+        py2_pickle({b"batch_label": b"testing batch 1 of 1", b"labels": y, b"data": x.reshape(len(x), -1),
+                    b"filenames": [b"f%d.png" % k for k in range(len(x))]}))
+    (tmp_path / "cifar-10-batches-py" / "batches.meta").write_bytes(
+        py2_pickle({b"num_cases_per_batch": 10000, b"label_names": [c.encode() for c in CIFAR10_NAMES],
+                    b"num_vis": 3072}))
+    check(data.load_split(d, "test"), x, y, CIFAR10_NAMES)
 
 
 def test_download_checks_md5(tmp_path, monkeypatch):
@@ -166,10 +203,10 @@ def make_tinyimagenet(root, rng):
         for i in [2, 0, 1]:
             p = os.path.join(d, "train", w, "images", f"{w}_{i}.JPEG")
             save(p, rand_images(rng, 1, 64, 64)[0], "JPEG")
-            train.append((y, f"{w}_{i}.JPEG", p))
+            train.append((i, y, p))
         with open(os.path.join(d, "train", w, f"{w}_boxes.txt"), "w") as f:
             f.write("ignored\n")
-    train.sort()
+    train.sort()  # class-interleaved: the i-th file of every class (wnids.txt order) in turn
     val, lines = [], []
     for i, w in enumerate(["n02", "n03", "n01", "n02"]):
         p = os.path.join(d, "val", "images", f"val_{i}.JPEG")
@@ -179,7 +216,7 @@ def make_tinyimagenet(root, rng):
         lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63")
     with open(os.path.join(d, "val", "val_annotations.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    return d, wnids, {"train": ([decoded(p) for *_, p in train], [y for y, *_ in train]),
+    return d, wnids, {"train": ([decoded(p) for *_, p in train], [y for _, y, _ in train]),
                       "test": ([decoded(p) for _, p in val], [y for y, _ in val])}
 
 
@@ -206,10 +243,10 @@ def make_folder(root, rng):
                 img = rand_images(rng, 1, 8, 12)[0]
                 ext = ".PNG" if i == 0 else ".png"  # extensions are case-insensitive
                 save(os.path.join(root, split, c, f"{c}{i}{ext}"), img, "PNG")
-                items.append((c, f"{c}{i}{ext}", img.transpose(2, 0, 1)))
+                items.append((i, c, img.transpose(2, 0, 1)))
             open(os.path.join(root, split, c, "notes.txt"), "w").close()
-        items.sort(key=lambda t: t[:2])
-        want[split] = ([x for *_, x in items], [["ant", "bee", "cat"].index(c) for c, *_ in items])
+        items.sort(key=lambda t: t[:2])  # class-interleaved: ant0 bee0 cat0 ant1 ...
+        want[split] = ([x for *_, x in items], [["ant", "bee", "cat"].index(c) for _, c, _ in items])
     return want
 
 
@@ -221,7 +258,25 @@ def test_image_folder(tmp_path, split):
     for path in [tmp_path / "ROOT", with_root, bare]:
         s = data.load_split(str(path), split)
         assert s.images.shape[1:] == (3, 8, 12)
-        check(s, *want[split], ["ant", "bee", "cat"])  # PNGs exactly, in (class, file) order
+        check(s, *want[split], ["ant", "bee", "cat"])  # PNGs exactly, class-interleaved
+
+
+def test_image_folder_unequal_classes_interleave(tmp_path):
+    rng = np.random.default_rng(6)
+    files = {"moth": ["b.png", "a.png", "c.png", "d.png"], "ant": ["z.png"], "bee": ["y.png", "x.jpg"]}
+    imgs = {}
+    for c, names in files.items():
+        for f in names:
+            imgs[c, f] = rand_images(rng, 1, 5, 7)[0]
+            save(str(tmp_path / "ROOT" / "test" / c / f), imgs[c, f], "PNG")  # PNG bytes even as .jpg
+    # round-robin over ant, bee, moth by file name; classes that run out drop out
+    order = [("ant", "z.png"), ("bee", "x.jpg"), ("moth", "a.png"),
+             ("bee", "y.png"), ("moth", "b.png"),
+             ("moth", "c.png"),
+             ("moth", "d.png")]
+    want = [imgs[k].transpose(2, 0, 1) for k in order], [["ant", "bee", "moth"].index(c) for c, _ in order]
+    for path in [tmp_path / "ROOT", zip_dir(tmp_path / "ROOT", tmp_path / "root.zip")]:
+        check(data.load_split(str(path), "test"), *want, ["ant", "bee", "moth"])
 
 
 def test_folder_of_split_zips(tmp_path):
@@ -253,14 +308,17 @@ def cifar_jpeg_test():
 
 
 def test_real_cifar10_jpeg(cifar_jpeg_test):
+    """The one test that reads all of test.zip (~4 s): class-interleaved, so the first 1024 are balanced."""
     with zipfile.ZipFile(cifar_jpeg_test) as z:
-        first = np.array(Image.open(io.BytesIO(z.read("test/airplane/0000.jpg"))).convert("RGB"))
-    for path in [cifar_jpeg_test, CIFAR_JPEG]:
-        s = data.load_split(path, "test")
-        assert s.images.shape == (10000, 3, 32, 32) and s.images.dtype == torch.uint8
-        assert s.classes == CIFAR10_NAMES
-        assert torch.equal(s.images[0], torch.from_numpy(first.transpose(2, 0, 1)))
-        assert (s.labels[:1000] == 0).all() and torch.equal(s.labels.bincount(), torch.full((10,), 1000))
+        second = {n: z.read(f"test/{n}/0001.jpg") for n in ("airplane", "truck")}
+    jpeg = lambda b: torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB")).transpose(2, 0, 1))
+    s = data.load_split(cifar_jpeg_test, "test")
+    assert s.images.shape == (10000, 3, 32, 32) and s.images.dtype == torch.uint8
+    assert s.classes == CIFAR10_NAMES
+    assert s.labels[:20].tolist() == list(range(10)) * 2
+    assert torch.equal(s.images[10], jpeg(second["airplane"])) and torch.equal(s.images[19], jpeg(second["truck"]))
+    assert s.labels[:1024].bincount().tolist() == [103] * 4 + [102] * 6
+    assert torch.equal(s.labels.bincount(), torch.full((10,), 1000))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +343,70 @@ def test_errors_name_the_path_and_layouts(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"not an archive")
     with pytest.raises(UserError, match="accepted layouts"):
         data.load_split(str(tmp_path / "junk.bin"), "test")
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_unreadable_image_names_the_file(tmp_path, zipped):
+    good = io.BytesIO()
+    Image.fromarray(rand_images(np.random.default_rng(7), 1)[0]).save(good, format="PNG")
+    for case, blob in [("garbage", b"not an image"), ("cut", good.getvalue()[:200])]:
+        root = tmp_path / case
+        save(str(root / "test" / "a" / "0.png"), rand_images(np.random.default_rng(8), 1)[0], "PNG")
+        (root / "test" / "b").mkdir()
+        (root / "test" / "b" / f"{case}.png").write_bytes(blob)
+        path = zip_dir(root, tmp_path / f"{case}.zip") if zipped else root
+        with pytest.raises(UserError, match="is not a readable image") as e:
+            data.load_split(str(path), "test")
+        assert f"{path}: test/b/{case}.png is not" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_damaged_archives_name_the_file(tmp_path):
+    d, _ = make_cifar10(tmp_path / "src", np.random.default_rng(9))
+    tgz = tar_gz(d, tmp_path / "whole.tar.gz").read_bytes()
+    zipped = zip_dir(d, tmp_path / "whole.zip", prefix="cifar-10-batches-py/").read_bytes()
+    i = zipped.index(b"test_batch") + 200  # inside the first member's data: its CRC no longer matches
+    cases = {"cut.tar.gz": tgz[:len(tgz) // 2], "empty.tar.gz": b"", "cut.zip": zipped[:len(zipped) // 2],
+             "empty.zip": b"", "crc.zip": zipped[:i] + bytes([zipped[i] ^ 1]) + zipped[i + 1:]}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(UserError, match="truncated or corrupt .*; download it again") as e:
+            data.load_split(str(tmp_path / name), "test")
+        assert str(e.value).startswith(f"{tmp_path / name} is truncated")
+
+
+def test_damaged_cifar_batch_names_it(tmp_path):
+    d, _ = make_cifar10(tmp_path / "src", np.random.default_rng(10))
+    batch = os.path.join(d, "test_batch")
+    whole = open(batch, "rb").read()
+    for blob in [whole[:len(whole) // 2], b"not a pickle", pickle.dumps([1, 2], protocol=2)]:
+        open(batch, "wb").write(blob)
+        with pytest.raises(UserError, match="not a (readable )?CIFAR pickle") as e:
+            data.load_split(d, "test")
+        assert str(e.value).startswith(f"{d}: test_batch is not")
+
+
+class RunsShell:
+    """A pickle payload: unpickling it calls os.system."""
+
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return os.system, (self.cmd,)
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+    d, _ = make_cifar10(tmp_path / "src", np.random.default_rng(11))
+    marker = tmp_path / "ran"
+    evil = {b"batch_label": b"x", b"labels": [0], b"data": RunsShell(f"touch {marker}")}
+    write_pickle(os.path.join(d, "test_batch"), evil)
+    archive = tar_gz(d, tmp_path / "cifar-10-python.tar.gz")
+    for path in [d, archive]:
+        with pytest.raises(UserError, match=r"test_batch is not a readable CIFAR pickle .*refused .*system"):
+            data.load_split(str(path), "test")
+    assert not marker.exists()
+    pickle.loads(open(os.path.join(d, "test_batch"), "rb").read())  # the payload is real: plain pickle runs it
+    assert marker.exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -80,7 +80,6 @@ def compile_all():
     from kernels.rbgm import _rbgm_kernel
     kernels = {"rbgm": _rbgm_kernel, "step_fwd": _step_fwd_kernel, "step_bwd": _step_bwd_kernel}
     cuobjdump = knobs.nvidia.cuobjdump.path
-    tmp = tempfile.mkdtemp()
 
     def one(cfg):
         name, kernel, arch, sig, constexprs, num_warps = cfg
@@ -100,7 +99,7 @@ def compile_all():
         return name, {"regs": regs, "spills": local // 4, "local_bytes": local, "shared_bytes": shared}
 
     todo = sorted(configs(), key=lambda c: (-c[4]["BLOCK"], c[2]))  # the slow big sorts first
-    with ThreadPoolExecutor(max(2, os.cpu_count())) as pool:
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(2, os.cpu_count())) as pool:
         return dict(pool.map(one, todo))
 
 
@@ -119,7 +118,8 @@ def report(tmp_path_factory):
     path = tmp_path_factory.mktemp("kernels") / "kernel_registers.json"
     path.write_text(json.dumps(got, indent=1))
     print(f"\n{'configuration':60s} {'regs':>5s} {'spills':>6s}")
-    for name, r in got.items():
+    for name, *_ in CONFIGS:
+        r = got[name]
         print(f"{name:60s} {r.get('regs', '-'):>5} {r.get('spills', r.get('error', '')):>6}")
     print(f"report: {path}")
     return got

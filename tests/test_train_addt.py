@@ -21,7 +21,8 @@ from addt_common import UserError
 from addt_data import load_split, to_float
 from addt_diffusion import linear_alpha_bar, load_unet
 from models import load_classifier
-from train_addt import EMA, cgpo, lambda_t, mix_noise, noisy, x0_estimate
+from train_addt import DDPM, EMA, cgpo, mix_noise, noisy, x0_estimate
+from train_addt import lambda_t as lambda_as
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("images_per_s",)  # the only log entries that may differ between runs
@@ -36,7 +37,7 @@ def inputs(smoke_inputs):
 def batch(inputs):
     """8 training images in [-1, 1], one per class for the first 8 classes, and their labels."""
     data = load_split(inputs["data"], "train")
-    idx = torch.arange(0, 160, 20)  # 20 images per class, in class order
+    idx = torch.arange(8)  # image folders are class-interleaved: image k is of class k % 10
     assert data.labels[idx].tolist() == list(range(8))
     return 2 * to_float(data.images[idx]) - 1, data.labels[idx]
 
@@ -52,6 +53,15 @@ def alpha_bar64():
 
 
 # ---------------------------------------------------------------- lambda_t and the noise mixture
+
+def lambda_t(ab, *bounds):
+    """eq. 7 for DDPM: a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar)."""
+    return lambda_as(ab.sqrt(), (1 - ab).sqrt(), *bounds)
+
+
+def scales(ab):
+    return ab.sqrt(), (1 - ab).sqrt()
+
 
 TS = [0, 20, 100, 500, 999]
 # 0.03 sqrt(ab) / sqrt(1 - ab), clipped to [0, 0.3]: the clip is active up to t = 26
@@ -97,7 +107,7 @@ def test_noise_mixture_by_hand(perturb):
     ab = torch.from_numpy(ab64[TS])
     lam = lambda_t(ab, *((1.0, 0.0, 10.0) if perturb == "linf" else (0.03, 0.0, 0.3)))
     eps_mix = mix_noise(eps, delta, lam, perturb)
-    x_t = noisy(x0, eps_mix, ab)
+    x_t = noisy(x0, eps_mix, *scales(ab))
     for i in range(5):
         l_, a = (LAMBDA_LINF if perturb == "linf" else LAMBDA_RBGM)[i], ab64[TS[i]]
         for j in (0, 7, 11):  # a few elements of the flattened (3, 2, 2) sample
@@ -106,10 +116,10 @@ def test_noise_mixture_by_hand(perturb):
             assert eps_mix[i].flatten()[j].item() == pytest.approx(e_mix, rel=1e-7, abs=1e-9)
             want_x_t = math.sqrt(a) * x + math.sqrt(1 - a) * e_mix
             assert x_t[i].flatten()[j].item() == pytest.approx(want_x_t, rel=1e-7, abs=1e-9)
-            assert x0_estimate(x_t, torch.zeros_like(x_t), ab)[i].flatten()[j].item() == pytest.approx(
+            assert x0_estimate(x_t, torch.zeros_like(x_t), *scales(ab))[i].flatten()[j].item() == pytest.approx(
                 want_x_t / math.sqrt(a), rel=1e-9)
     # the estimate with the true mixed noise is x0 itself (eq. 4 inverts eq. 2)
-    torch.testing.assert_close(x0_estimate(x_t, eps_mix, ab), x0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(x0_estimate(x_t, eps_mix, *scales(ab)), x0, rtol=0, atol=1e-9)
     # lambda = 0 is plain DDPM noise
     torch.testing.assert_close(mix_noise(eps, delta, torch.zeros(5, dtype=torch.float64), perturb), eps)
 
@@ -132,7 +142,7 @@ def test_cgpo_takes_no_parameter_gradients(inputs, batch, perturb, guidance):
     ab = linear_alpha_bar()[t]
     args = cgpo_args(inputs, "--perturb", perturb, "--guidance", guidance, "--cgpo-iters", "3")
     lam = lambda_t(ab, args.lambda_unit, args.lambda_min, args.lambda_max)
-    delta, first = cgpo(unet, classifier, x0, y, t, ab, lam, args, torch.Generator().manual_seed(0),
+    delta, first = cgpo(DDPM("cpu"), unet, classifier, x0, y, t, lam, args, torch.Generator().manual_seed(0),
                         contextlib.nullcontext)
     assert all(p.grad is None for p in params)
     assert all(torch.equal(p, b) for p, b in zip(params, before)) and unet.training
@@ -159,7 +169,7 @@ def test_cgpo_raises_the_classifier_loss(inputs, batch, perturb):
     ab = linear_alpha_bar()[t]
     args = cgpo_args(inputs, "--perturb", perturb)
     lam = lambda_t(ab, args.lambda_unit, args.lambda_min, args.lambda_max)
-    delta, _ = cgpo(unet, classifier, x0, y, t, ab, lam, args, torch.Generator().manual_seed(0),
+    delta, _ = cgpo(DDPM("cpu"), unet, classifier, x0, y, t, lam, args, torch.Generator().manual_seed(0),
                     contextlib.nullcontext)
     # cgpo's first draw from its generator is the starting delta
     start = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)) if perturb == "rbgm" else 0 * x0
@@ -168,8 +178,8 @@ def test_cgpo_raises_the_classifier_loss(inputs, batch, perturb):
     def ce(d):
         g, out = torch.Generator().manual_seed(123), []
         for _ in range(8):
-            x_t = noisy(x0, mix_noise(torch.randn(x0.shape, generator=g), d, lam, perturb), ab)
-            out.append(F.cross_entropy(classifier((x0_estimate(x_t, unet(x_t, t), ab) + 1) / 2), y).item())
+            x_t = noisy(x0, mix_noise(torch.randn(x0.shape, generator=g), d, lam, perturb), *scales(ab))
+            out.append(F.cross_entropy(classifier((x0_estimate(x_t, unet(x_t, t), *scales(ab)) + 1) / 2), y).item())
         return np.mean(out)
 
     ce_start, ce_end = ce(start), ce(delta)
@@ -185,7 +195,7 @@ def eps_mse(unet, x0, seed=0):
     eps = torch.randn(x0.shape, generator=g)
     ab = linear_alpha_bar()[t]
     with torch.no_grad():
-        return F.mse_loss(unet.eval()(noisy(x0, eps, ab), t), eps).item()
+        return F.mse_loss(unet.eval()(noisy(x0, eps, *scales(ab)), t), eps).item()
 
 
 @pytest.mark.parametrize("perturb,guidance", [("rbgm", "ce"), ("rbgm", "mse"), ("linf", "ce"), ("linf", "mse"),
@@ -376,7 +386,7 @@ def test_ema_matches_diffusers():
 def test_errors(inputs, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="CGPO with --guidance ce needs --classifier"):
         train_addt.main(flags(inputs, tmp_path, classifier=False))
-    with pytest.raises(UserError, match="pass --ddpm DIR"):
+    with pytest.raises(UserError, match="pass --ddpm PATH"):
         train_addt.main(["--classifier", inputs["classifier"], "--data", inputs["data"], "--out", str(tmp_path)])
     with pytest.raises(UserError, match="--global-batch 6 is not a multiple of --batch-size 4 x 1 processes"):
         train_addt.main(flags(inputs, tmp_path, "--global-batch", "6", "--batch-size", "4"))
@@ -387,6 +397,9 @@ def test_errors(inputs, tmp_path, monkeypatch):
 
     class TwoProcesses:  # what torchrun gives rank 0, without starting a process group
         ddp, rank, world, master, device = False, 0, 2, True, torch.device("cpu")
+
+        def agree(self, fn):
+            fn()
 
     monkeypatch.setattr(train_addt, "Dist", lambda device=None: TwoProcesses())
     with pytest.raises(UserError, match="--global-batch 3 is not a multiple of --batch-size 1 x 2 processes"):

@@ -58,7 +58,7 @@ def test_tiny_run_learns_and_saves(folder, tmp_path, capsys):
     assert len(results["history"]) == 3 and results["images_per_s"] > 0
     assert json.load(open(tmp_path / "args.json"))["epochs"] == 3
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert ckpt["epoch"] == 3 and {"optimizer", "scheduler"} <= ckpt.keys()
+    assert ckpt["epoch"] == 3 and "optimizer" in ckpt
 
 
 def test_resume_is_exact(folder, tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_resume_is_exact(folder, tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert timeless(a["history"]) == timeless(b["history"])
     ca, cb = (torch.load(p / "ckpt.pt", weights_only=True) for p in (whole, parts))
-    assert ca["scheduler"] == cb["scheduler"]
+    assert ca["optimizer"]["param_groups"] == cb["optimizer"]["param_groups"]
     for k, v in ca["optimizer"]["state"].items():  # momentum buffers too
         assert torch.equal(v["momentum_buffer"], cb["optimizer"]["state"][k]["momentum_buffer"])
 
