@@ -362,6 +362,15 @@ class Progress:
         return time.time() - self.start
 
 
+def wilson(successes, n, z=1.96):
+    """Wilson score interval of a proportion, in percent: [lo, hi] (fractional successes allowed)."""
+    if n == 0:
+        return [0.0, 100.0]
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [100 * (centre - half) / (1 + z * z / n), 100 * (centre + half) / (1 + z * z / n)]
+
+
 def format_seconds(s):
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

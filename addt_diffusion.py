@@ -243,40 +243,96 @@ def load_unet(path, **overrides):
         raise UserError(f"diffusion model {path}: {e}") from None
 
 
-def add_purification_args(p):
-    """The flags purify.py and attack.py share: models, data, schedule, speed settings."""
-    p.add_argument("--ddpm", help="diffusers-layout UNet directory (e.g. google/ddpm-cifar10-32)")
-    p.add_argument("--classifier", help="classifier checkpoint (train_classifier.py or RobustBench layout)")
-    p.add_argument("--arch", default=None, help="classifier arch for a RobustBench state dict (default wrn-28-10)")
+DEFENSES = ["ddpm", "ddim", "vpsde", "edm"]
+# flags that belong to some families only: --flag -> the defences it applies to
+FAMILY_ONLY = {"nfe": ("ddpm", "ddim", "vpsde"), "t_star": ("ddpm", "ddim", "vpsde"), "eta": ("ddim",),
+               "sigma_max": ("edm",), "edm_steps": ("edm",), "s_churn": ("edm",)}
+
+
+def add_purification_args(p, defenses=DEFENSES):
+    """The flags purify.py and attack.py share: defence and models, classifier, data, schedule, speed."""
+    p.add_argument("--defense", choices=defenses, default="ddpm",
+                   help="DP_DDPM, DP_DDIM, DiffPure's VP-SDE (DDPM++) or ADDT's EDM purification")
+    p.add_argument("--ddpm", help="diffusers UNet or DDPMPipeline folder (e.g. google/ddpm-cifar10-32), ddpm/ddim")
+    p.add_argument("--vpsde", help="score_sde checkpoint (DiffPure's checkpoint_8.pth) or a train_addt export")
+    p.add_argument("--edm", help="EDM pickle (edm-cifar10-32x32-uncond-vp.pkl), ADDT .pth or a train_addt export")
+    p.add_argument("--classifier", help="classifier checkpoint: ours, RobustBench, wide-resnet.pytorch .t7, HF ViT")
+    p.add_argument("--arch", default=None, help="classifier arch for a bare state dict (default: from its keys)")
+    p.add_argument("--classifier-norm", default=None,
+                   help="none | cifar10 | cifar100 | M1,M2,M3/S1,S2,S3 (default: the checkpoint family's)")
     p.add_argument("--data", default="cifar10", help="data set name or path (see addt_data.py)")
     p.add_argument("--split", default="test")
     p.add_argument("--n", "--num-images", dest="n", type=int, default=1024,
                    help="first N images of the split (write --num-images under torchrun, which takes --n as its own)")
-    p.add_argument("--nfe", type=int, default=None, help="paper's NFE (default 100 for ddpm, 10 for ddim)")
-    p.add_argument("--t-star", type=float, default=0.1, help="diffusion depth as a fraction of T")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic reverse)")
+    p.add_argument("--nfe", type=int, default=None, help="paper's NFE (default 100 ddpm, 10 ddim); vpsde: Euler "
+                   "steps (default: dt = 1e-3, DiffPure's grid)")
+    p.add_argument("--t-star", type=float, default=None, help="diffusion depth as a fraction of T (default 0.1)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0 = deterministic reverse)")
+    p.add_argument("--sigma-max", type=float, default=None, help="edm: t* in sigma units (default 0.5)")
+    p.add_argument("--edm-steps", type=int, default=None, help="edm: reverse steps (default 50; 2 x steps - 1 calls)")
+    p.add_argument("--s-churn", type=float, default=None, help="edm: S_churn (default 6 = EDM-SDE; 0 = EDM-ODE)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="fp32",
+                   help="fp32 as the official code (default); bf16 autocast is the fast path (auto: bf16 on CUDA)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
 
 
+def check_purification_args(args):
+    """Defaults per defence and every shared flag checked before anything is loaded."""
+    from addt_common import check_device, check_positive, check_range, require
+    for flag, families in FAMILY_ONLY.items():
+        if getattr(args, flag) is not None and args.defense not in families:
+            raise UserError(f"--{flag.replace('_', '-')} applies to --defense {' / '.join(families)}, "
+                            f"not {args.defense}")
+    if args.defense in DEFAULT_NFE and args.nfe is None:
+        args.nfe = DEFAULT_NFE[args.defense]
+    args.t_star = 0.1 if args.t_star is None and args.defense in FAMILY_ONLY["t_star"] else args.t_star
+    args.eta = 0.0 if args.eta is None and args.defense == "ddim" else args.eta
+    if args.defense == "edm":
+        args.sigma_max = 0.5 if args.sigma_max is None else args.sigma_max
+        args.edm_steps = 50 if args.edm_steps is None else args.edm_steps
+        args.s_churn = 6.0 if args.s_churn is None else args.s_churn
+    check_positive(args, "n", "nfe", "edm_steps", "sigma_max")
+    check_range(args, "t_star", 0, 1, lo_open=True, hi_open=True)
+    check_range(args, "eta", 0, 1)
+    check_range(args, "s_churn", 0, math.inf, hi_open=True)
+    require(args.seed >= 0, f"--seed must be non-negative, not {args.seed}")
+    if args.classifier_norm is not None:
+        from models import parse_norm
+        parse_norm(args.classifier_norm)
+    check_device(args.device)
+
+
+def build_purifier(args, model):
+    """The Purifier of --defense around its loaded model, with the flags' settings."""
+    if args.defense in ("ddpm", "ddim"):
+        return ddpm_purifier(model, make_schedule(args.defense, args.nfe, args.t_star, args.eta or 0.0))
+    if args.defense == "vpsde":
+        dt = 1e-3 if args.nfe is None else args.t_star / args.nfe
+        return vpsde_purifier(model, t_star=args.t_star, dt=dt)
+    return edm_purifier(model, sigma_max=args.sigma_max, num_steps=args.edm_steps, S_churn=args.s_churn)
+
+
 def load_inputs(args, device, defended=True):
-    """UNet (None when undefended), classifier and the first N images, checked against each other
-    (cheap checks first)."""
+    """Diffusion model (None when undefended), classifier and the first N images, checked against each
+    other (cheap checks first)."""
     if not args.classifier:
         raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py; "
                         "`python attack.py --preset smoke` checks an install without one)")
-    unet = load_unet(args.ddpm) if defended else None
+    if defended:
+        build_purifier(args, None)  # a bad --nfe / --t-star fails here, before any loading
+    model = load_diffusion_model(args.defense, getattr(args, FAMILY_FLAGS[args.defense])) if defended else None
     data = load_split(args.data, args.split)
     if args.n > len(data.labels):
         raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
-    classifier = load_classifier(args.classifier, arch=args.arch, num_classes=len(data.classes))
-    if unet is not None:
-        unet = prepare_model(unet, device, args.channels_last, args.compile)
+    classifier = load_classifier(args.classifier, arch=args.arch, num_classes=len(data.classes),
+                                 norm=args.classifier_norm)
+    if model is not None:
+        model = prepare_model(model, device, args.channels_last, args.compile)
     classifier = prepare_model(classifier, device, args.channels_last, args.compile)
-    return unet, classifier, data.images[:args.n], data.labels[:args.n]
+    return model, classifier, data.images[:args.n], data.labels[:args.n]
 
 
 # ---------------------------------------------------------------- the diffusion models of every family
@@ -411,7 +467,7 @@ def edm_purify(net, x, noise=None, sigma_max=0.5, num_steps=50, S_churn=6.0, S_m
         else:
             x = heun_step(*args)
         if trace is not None:
-            trace += [x_hat.detach(), x.detach()]
+            trace.extend([x_hat.detach(), x.detach()])
     return ((x + 1) / 2).clamp(0, 1)
 
 
@@ -448,7 +504,7 @@ def vpsde_times(t_star=0.1, dt=1e-3):
     the last one shorter (0.00099128), and up to 1.3e-6 away from s_0 + k dt."""
     if not dt > 0:
         raise UserError(f"the VP-SDE step dt must be positive, got {dt}")
-    s0, end = torch.tensor([1 - vpsde_t_index(t_star) / T, 1 - VPSDE_EPS])  # DiffPure: linspace(1 - t/1000, 1 - 1e-5, 2)
+    s0, end = torch.tensor([1 - vpsde_t_index(t_star) / T, 1 - VPSDE_EPS])  # DiffPure: linspace(1 - t/T, 1 - 1e-5, 2)
     times = [s0]
     while times[-1] < end:
         times.append(torch.minimum(times[-1] + dt, end))

@@ -1,13 +1,17 @@
-"""Clean accuracy of diffusion-based purification (DP_DDPM / DP_DDIM) on the first N test images.
+"""Clean accuracy of diffusion-based purification (DP_DDPM, DP_DDIM, DiffPure's VP-SDE, ADDT's EDM) on
+the first N test images.
 
-    python purify.py --ddpm DIR --classifier CKPT --data PATH [--sampler ddpm|ddim] [--nfe 100] \
+    python purify.py --ddpm DIR --classifier CKPT --data PATH [--defense ddpm|ddim] [--nfe 100] \\
         [--t-star 0.1] [--n 1024]
+    python purify.py --defense vpsde --vpsde checkpoint_8.pth --classifier CKPT --data PATH
+    python purify.py --defense edm --edm edm-cifar10-32x32-uncond-vp.pkl --classifier CKPT --data PATH
     torchrun --nproc_per_node=4 purify.py ...      # shards the images, same totals as one process
 
-Writes OUT/results.json (every setting, seed, timestep list, classifier-only and purified accuracy),
-OUT/grid.png (rows: original, diffused to t*, purified) and prints a markdown table.
-Noise is keyed per image (seed, image index), so the result does not depend on batch size or the
-number of processes.
+Writes OUT/results.json (every setting, seed, the purifier's schedule, classifier-only and purified
+accuracy with Wilson 95 % intervals, the classifier's input normalisation), OUT/grid.png (rows:
+original, diffused to t*, purified) and prints a markdown table. Noise is keyed per image (seed, image
+index), so the result does not depend on batch size or the number of processes. An existing
+results.json is kept unless --overwrite.
 """
 import argparse
 import os
@@ -17,27 +21,42 @@ import numpy as np
 import torch
 from PIL import Image
 
-from addt_common import Dist, Progress, autocast, markdown_table, resolve_precision, run_main, sample_seed, write_json
+from addt_common import (Dist, Progress, UserError, autocast, check_out_dir, check_positive, lock_out,
+                         markdown_table, refuse_overwrite, resolve_precision, run_main, sample_seed, unlock_out,
+                         wilson, write_json)
 from addt_data import shard, to_float
-from addt_diffusion import DEFAULT_NFE, KeyedNoise, add_purification_args, ddpm_purifier, load_inputs, make_schedule
-
+from addt_diffusion import KeyedNoise, add_purification_args, build_purifier, check_purification_args, load_inputs
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_purification_args(p)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="same as --defense (older name)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--grid", type=int, default=8, help="images in grid.png (0 = none)")
     p.add_argument("--out", default="runs/purify")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier results.json in --out")
     args = p.parse_args(argv)
-    args.nfe = DEFAULT_NFE[args.sampler] if args.nfe is None else args.nfe
+    args.defense = args.sampler or args.defense
+    check_purification_args(args)
+    check_positive(args, "batch_size")
+    if args.grid < 0:
+        raise UserError(f"--grid must be 0 (no grid) or positive, not {args.grid}")
+    check_out_dir(args.out)
     return args
 
 
 def image_noise(args, idx, device):
     """The noise of images idx, keyed by (seed, image index) only."""
     return KeyedNoise(torch.tensor([sample_seed(args.seed, i) for i in idx], device=device))
+
+
+def check_finite(t, lo, what):
+    bad = ~torch.isfinite(t.flatten(1)).all(1)
+    if bad.any():
+        images = (bad.nonzero().flatten() + lo).tolist()
+        raise UserError(f"non-finite {what} for image(s) {images[:10]}: NaN or inf in the weights, the inputs or "
+                        "the settings; no accuracy is reported")
 
 
 def save_grid(path, rows):
@@ -49,9 +68,10 @@ def save_grid(path, rows):
 def main(argv=None):
     args = parse_args(argv)
     d = Dist(args.device)
-    sched = make_schedule(args.sampler, args.nfe, args.t_star, args.eta)
-    unet, classifier, images, labels = load_inputs(args, d.device)
-    purifier = ddpm_purifier(unet, sched)
+    d.agree(lambda: (refuse_overwrite(os.path.join(args.out, "results.json"), args.overwrite, "--overwrite to replace "
+                                      "it"), lock_out(args.out)))
+    model, classifier, images, labels = load_inputs(args, d.device)
+    purifier = build_purifier(args, model)
     precision = resolve_precision(args.precision, d.device)
     start, stop = shard(len(labels), d.rank, d.world)
     correct = torch.zeros(2, dtype=torch.long, device=d.device)  # classifier only, purified
@@ -63,20 +83,22 @@ def main(argv=None):
             x = to_float(images[lo:idx.stop].to(d.device))
             y = labels[lo:idx.stop].to(d.device)
             x_pur = purifier(x, image_noise(args, idx, d.device)).float()
-            correct[0] += (classifier(x).argmax(1) == y).sum()
-            correct[1] += (classifier(x_pur).argmax(1) == y).sum()
+            logits = torch.stack([classifier(x).float(), classifier(x_pur).float()])
+            check_finite(x_pur, lo, "purified images")
+            check_finite(logits.transpose(0, 1).flatten(1), lo, "logits")
+            correct += (logits.argmax(-1) == y).sum(1)
             progress.update(len(idx))
     d.all_sum(correct)
     seconds = time.time() - t0
     if not d.master:
         return
     n = len(labels)
-    results = {"args": vars(args), "precision": precision, "timesteps": sched.timesteps,
-               "model_calls": len(sched.timesteps), "n": n,
-               "classifier_accuracy": 100 * correct[0].item() / n,
-               "purified_accuracy": 100 * correct[1].item() / n,
+    results = {"args": vars(args), "precision": precision, "purifier": purifier.info, "n": n,
+               "classifier_norm": getattr(classifier, "norm_info", None),
+               "classifier_accuracy": 100 * correct[0].item() / n, "purified_accuracy": 100 * correct[1].item() / n,
+               "classifier_accuracy_ci95": wilson(correct[0].item(), n), "purified_accuracy_ci95": wilson(correct[1].item(), n),
                "seconds": seconds, "images_per_s": n / seconds}
-    os.makedirs(args.out, exist_ok=True)
+    results["timesteps"] = purifier.info.get("timesteps")  # ddpm/ddim: the reverse timesteps visited
     write_json(os.path.join(args.out, "results.json"), results)
     if args.grid:
         k = min(args.grid, n)
@@ -85,12 +107,13 @@ def main(argv=None):
         with torch.no_grad(), autocast(d.device, precision):
             x_pur = purifier(x, image_noise(args, range(k), d.device), trace=trace).float()
         save_grid(os.path.join(args.out, "grid.png"), [x, (trace[0].float() + 1) / 2, x_pur])
-    row = {"sampler": args.sampler, "NFE": args.nfe, "t*": sched.t_star, "N": n,
+    lo_c, hi_c = results["purified_accuracy_ci95"]
+    row = {"defense": args.defense, "model calls": purifier.info["model_calls"], "N": n,
            "classifier": f"{results['classifier_accuracy']:.2f}",
-           "purified (clean)": f"{results['purified_accuracy']:.2f}"}
+           "purified (clean)": f"{results['purified_accuracy']:.2f} [{lo_c:.1f}, {hi_c:.1f}]"}
     print(markdown_table([row], list(row)))
-    print(f"timesteps: {sched.timesteps[:6]}{' ...' if len(sched.timesteps) > 6 else ''}  "
-          f"({len(sched.timesteps)} UNet calls)  {results['images_per_s']:.1f} img/s  -> {args.out}")
+    print(f"{purifier.info['model_calls']} model calls per image  {results['images_per_s']:.1f} img/s  -> {args.out}")
+    unlock_out(args.out)
     return results
 
 
