@@ -2,8 +2,9 @@
 
     python bench.py                          # on CUDA: full size (DDPM CIFAR-10 UNet, 64 images x EoT 10, NFE 100)
     python bench.py --small                  # tiny UNet, 2 images x EoT 2, NFE 5 (what CPU runs; CI checks it)
-    python bench.py --only attack,memory     # some sections: unet, attack, addt, rbgm, step, memory
+    python bench.py --only attack,memory     # some sections: unet, attack, addt, rbgm, step, memory, vpsde, edm
     python bench.py --small --compile-cpu    # also torch.compile on the CPU
+    python bench.py --runbook                # the day a GPU is lent: tests, full bench, precision check, quick preset
 
 Every comparison runs side by side in this one process; the table prints ratios and --out (default
 runs/bench.json) holds every number with the device, versions and settings. Times are medians of
@@ -13,6 +14,7 @@ throughout: speed does not depend on them. The small version's numbers say only 
 import argparse
 import copy
 import math
+import os
 import platform
 import statistics
 import time
@@ -25,8 +27,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import attack
 import train_addt
 from addt_attacks import EVAL, Defense, evaluate
-from addt_common import autocast, format_seconds, markdown_table, prepare_model, resolve_precision, write_json
-from addt_diffusion import ddpm_purifier, linear_alpha_bar, make_schedule
+from addt_common import (UserError, autocast, check_device, check_out_dir, check_positive, format_seconds,
+                         markdown_table, prepare_model, refuse_overwrite, require, resolve_precision, run_main,
+                         write_json)
+from addt_diffusion import (ddpm_purifier, edm_purifier, fresh_noise, linear_alpha_bar, make_schedule,
+                            new_diffusion_model, vpsde_purifier)
 from kernels import rbgm as rbgm_module
 from kernels.ddpm_step import reverse_step, step_reference
 from kernels.rbgm import rbgm, rbgm_reference, sorted_normal_rows
@@ -36,13 +41,22 @@ from models.unet import DDPM_CIFAR10_CONFIG, UNet
 PAPER = dict(images=1024, pgd_steps=20, evaluations=2)  # PGD20-EoT10 on 1024 images, clean + final evaluation
 EPOCH_IMAGES, EPOCHS = 50_000, 100
 TARGETS = dict(attack_speedup=20.0, epoch_s=80.0, rbgm_speedup=4.0, step_speedup=1.0)
+# the score-based families at paper settings (VP-SDE: t* = 0.1, dt = 1e-3, 100 Euler steps; EDM: sigma_max
+# 0.5, 50 Heun steps) and small ones for the CPU
+FAMILIES_FULL = {"vpsde": dict(model=None, settings=dict(t_star=0.1, dt=1e-3), images=32, eot=10, official_draws=1),
+                 "edm": dict(model=None, settings=dict(sigma_max=0.5, num_steps=50), images=64, eot=10,
+                             official_draws=1)}
+FAMILIES_SMALL = {"vpsde": dict(model=dict(nf=16, ch_mult=(1, 2, 2), num_res_blocks=1), settings=dict(t_star=0.1, dt=0.02),
+                                images=2, eot=2, official_draws=2),
+                  "edm": dict(model=dict(model_channels=16, num_blocks=1), settings=dict(sigma_max=0.5, num_steps=3),
+                              images=2, eot=2, official_draws=2)}
 FULL = dict(unet=DDPM_CIFAR10_CONFIG, classifier="wrn-28-10", unet_batch=256, images=64, eot=10, nfe=100,
             official_draws=1, addt_batch=256, rbgm_shapes=[(128, 3, 32, 32), (1024, 3, 32, 32), (64, 3, 64, 64)],
-            step_shape=(640, 3, 32, 32), repeats=5)
+            step_shape=(640, 3, 32, 32), repeats=5, families=FAMILIES_FULL)
 SMALL = dict(unet=attack.TINY_UNET_CONFIG, classifier="wrn-10-1", unet_batch=8, images=2, eot=2, nfe=5,
              official_draws=2, addt_batch=8, rbgm_shapes=[(128, 3, 32, 32), (16, 3, 64, 64)],
-             step_shape=(64, 3, 32, 32), repeats=3)
-SECTIONS = ["unet", "attack", "addt", "rbgm", "step", "memory"]
+             step_shape=(64, 3, 32, 32), repeats=3, families=FAMILIES_SMALL)
+SECTIONS = ["unet", "attack", "addt", "rbgm", "step", "memory", "vpsde", "edm"]
 
 
 def parse_args(argv=None):
@@ -53,10 +67,18 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed calls per number (default 5 full, 3 small)")
     p.add_argument("--compile-cpu", action="store_true", help="also torch.compile on the CPU (slow to compile)")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--runbook", action="store_true", help="tests, full bench, precision check and the quick preset, "
+                   "one report under runs/runbook (what to run first whenever a GPU is lent)")
     args = p.parse_args(argv)
     args.only = [s for s in args.only.split(",") if s]
     if not set(args.only) <= set(SECTIONS):
-        p.error(f"--only: unknown section(s) {sorted(set(args.only) - set(SECTIONS))}; choose from {SECTIONS}")
+        raise UserError(f"--only: unknown section(s) {sorted(set(args.only) - set(SECTIONS))}; choose from {SECTIONS}")
+    check_positive(args, "repeats")
+    check_device(args.device)
+    require(not os.path.isdir(args.out), f"--out {args.out} is a directory; bench.py writes one JSON file")
+    check_out_dir(os.path.dirname(os.path.abspath(args.out)))
+    refuse_overwrite(args.out, args.overwrite, "--overwrite to replace it")
     return args
 
 
@@ -236,22 +258,78 @@ def bench_attack(unet, classifier, size, device, repeats, compile_cpu):
     return out, memory or {"skipped": "needs CUDA (torch.cuda.max_memory_allocated)"}
 
 
+# ---------------------------------------------------------------- 7-8. the score-based families
+
+def family_purifier(family, model, settings):
+    return (vpsde_purifier if family == "vpsde" else edm_purifier)(model, **settings)
+
+
+def official_family_gradient(purifier, classifier, x, y, draws):
+    """Official-style: fp32, one EoT draw after another with batch = images, weights requiring grad,
+    checkpointing per network call (as ADDT's attack scripts)."""
+    purifier.grad_checkpoint = True
+    g = torch.zeros_like(x)
+    for _ in range(draws):
+        x_d = x.detach().requires_grad_(True)
+        F.cross_entropy(classifier(purifier(x_d, fresh_noise())), y, reduction="sum").backward()
+        g += x_d.grad
+        purifier.model.zero_grad(set_to_none=True)
+        classifier.zero_grad(set_to_none=True)
+    return g
+
+
+def bench_family(family, classifier, size, device, repeats, compile_cpu):
+    """One PGD-EoT step of DiffPure's VP-SDE or ADDT's EDM purification, ours vs official-style."""
+    f = size["families"][family]
+    n, eot, draws = f["images"], f["eot"], f["official_draws"]
+    torch.manual_seed(0)
+    model = new_diffusion_model(family, f["model"]).eval()
+    x, y = torch.rand(n, 3, 32, 32, device=device), torch.randint(0, 10, (n,), device=device)
+    off = family_purifier(family, copy.deepcopy(model).to(device).requires_grad_(True), f["settings"])
+    off_clf = copy.deepcopy(classifier).to(device).eval().requires_grad_(True)
+    compile = device.type == "cuda" or compile_cpu
+    ours = Defense(family_purifier(family, prepare_model(copy.deepcopy(model), device, True, compile), f["settings"]),
+                   prepare_model(copy.deepcopy(classifier), device, True, compile), "white-box", chunk=n * eot,
+                   precision=resolve_precision("auto", device))
+    idx = list(range(n))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    fns = {"official": (lambda: official_family_gradient(off, off_clf, x, y, draws),
+                        lambda: off_clf(off(x, fresh_noise())).argmax(1)),
+           "ours": (lambda: ours.eot_gradient(x, y, idx, 0, eot), lambda: evaluate(ours, x, y, idx, EVAL, 1))}
+    out = {"family": family, "images": n, "eot": eot, "model_calls": off.info["model_calls"],
+           "settings": f["settings"], "rows": []}
+    for name, (grad_fn, eval_fn) in fns.items():
+        pipelines = n * (draws if name == "official" else eot)
+        step_s = seconds(grad_fn, device, repeats, number=1) * n * eot / pipelines
+        with torch.no_grad():
+            eval_s = seconds(eval_fn, device, repeats, number=1)
+        row = {"path": name, "pipelines/s": n * eot / step_s, "step s": step_s, "eval s": eval_s,
+               "1024-img PGD20 s": paper_projection(step_s, eval_s, n)}
+        if device.type == "cuda":
+            row["peak GiB"] = peak_memory(grad_fn, device) / 2 ** 30
+        out["rows"].append(row)
+    out["speedup"] = out["rows"][1]["pipelines/s"] / out["rows"][0]["pipelines/s"]
+    return out
+
+
 # ---------------------------------------------------------------- 3. one ADDT training step
 
 def bench_addt(size, classifier, device, repeats):
     """train_addt.train_step as train_addt.main runs it: CGPO (5 iterations, RBGM), then the update and EMA."""
     n = size["addt_batch"]
     # parse_args wants a classifier path for CE guidance; train_step takes the model, so the path is unused
-    args = train_addt.parse_args(["--init", "scratch", "--perturb", "rbgm", "--classifier", "-"])
+    args = train_addt.parse_args(["--init", "scratch", "--perturb", "rbgm", "--classifier", "-", "--precision", "auto"])
     precision = resolve_precision(args.precision, device)
-    model = UNet({**size["unet"], "dropout": args.dropout}).to(device).train()
+    model = UNet(size["unet"]).to(device).train()
+    train_addt.set_dropout(model, args.dropout)
     clf = copy.deepcopy(classifier).to(device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     ema = train_addt.EMA(model, args.ema_inv_gamma, args.ema_power, args.ema_max_decay)
-    alpha_bar = linear_alpha_bar().to(device)
+    family = train_addt.DDPM(device)
     g = torch.Generator(device=device).manual_seed(0)
     batch = [(torch.rand(n, 3, 32, 32, device=device) * 2 - 1, torch.randint(0, 10, (n,), device=device))]
-    step_s = seconds(lambda: train_addt.train_step(model, model, clf, ema, opt, batch, alpha_bar, args, g,
+    step_s = seconds(lambda: train_addt.train_step(model, model, family, clf, ema, opt, batch, args, g,
                                                    lambda: autocast(device, precision)), device, repeats, number=1)
     epoch_s = EPOCH_IMAGES / (n / step_s)
     return {"batch": n, "cgpo_iters": args.cgpo_iters, "precision": precision, "step s": step_s,
@@ -310,6 +388,12 @@ def bench_step(shape, device, repeats, kernel):
     return {"shape": "x".join(map(str, shape)), "eps_dtype": str(eps.dtype), "rows": rows}
 
 
+# ---------------------------------------------------------------- the GPU runbook
+
+def runbook(args):
+    raise UserError("--runbook is not wired yet")
+
+
 # ---------------------------------------------------------------- main
 
 def fmt(row):
@@ -322,6 +406,8 @@ def table(title, rows):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.runbook:
+        return runbook(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = SMALL if args.small or device.type == "cpu" else FULL
     repeats = args.repeats or size["repeats"]
@@ -364,10 +450,17 @@ def main(argv=None):
     if "memory" in only:
         res["memory"] = memory
         table("6. Peak GPU memory of the PGD-EoT step", [memory])
+    for i, family in enumerate(("vpsde", "edm"), start=7):
+        if family in only:
+            res[family] = r = bench_family(family, classifier, size, device, repeats, args.compile_cpu)
+            table(f"{i}. PGD-EoT step, {family}: {r['images']} images x EoT {r['eot']}, {r['model_calls']} network "
+                  f"calls ({r['settings']})",
+                  [{**row, "1024-img PGD20 s": format_seconds(row["1024-img PGD20 s"])} for row in r["rows"]])
+            print(f"speed-up {r['speedup']:.2f}x")
     write_json(args.out, res)
     print(f"\n-> {args.out}")
     return res
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

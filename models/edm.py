@@ -266,8 +266,9 @@ PRECONDS = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond}
 
 
 def new_edm(config=None):
-    """Random weights: the paper's DDPM++ EDMPrecond for 32x32 RGB, or a model's `.config`."""
-    c = dict(config or {"precond": "EDMPrecond", "img_resolution": 32, "img_channels": 3, **DDPMPP_CIFAR10})
+    """Random weights: the paper's DDPM++ EDMPrecond for 32x32 RGB with the fields of `config` replaced (a
+    model's whole `.config` rebuilds that model)."""
+    c = {"precond": "EDMPrecond", "img_resolution": 32, "img_channels": 3, **DDPMPP_CIFAR10, **(config or {})}
     return PRECONDS[c.pop("precond")](**c)
 
 # ---------------------------------------------------------------- loading

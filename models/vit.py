@@ -15,6 +15,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 VIT_B_16 = dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                 intermediate_size=3072)
@@ -61,6 +62,9 @@ class ViT(nn.Module):
         super().__init__()
         assert image_size % patch_size == 0, f"image_size {image_size} is not a multiple of patch_size {patch_size}"
         self.num_classes, self.image_size = num_classes, image_size
+        self.config = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
+                           num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                           intermediate_size=intermediate_size)
         n_tokens = (image_size // patch_size) ** 2 + 1
         embeddings = _holder(patch_embeddings=_holder(projection=nn.Conv2d(3, hidden_size, patch_size, patch_size)))
         embeddings.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
@@ -88,24 +92,22 @@ CONFIG_KEYS = ["image_size", "patch_size", "hidden_size", "num_hidden_layers", "
 
 def read_hf_vit(path):
     """(ViT built from config.json, its state dict, mean, std) from a Hugging Face
-    ViTForImageClassification folder, or a weights file inside one. mean/std come from preprocessor_config.json when present,
-    else HF ViT's default 0.5/0.5. ValueError with a one-line reason when the folder does not fit."""
+    ViTForImageClassification folder or a weights file inside one. mean/std come from
+    preprocessor_config.json when present, else HF ViT's default 0.5/0.5. ValueError with a one-line
+    reason when the folder does not fit."""
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
     if config.get("model_type") != "vit":
         raise ValueError(f"its config.json is for model_type {config.get('model_type')!r}, not 'vit'")
-    unsupported = config.get("num_channels", 3) != 3 or config.get("hidden_act", "gelu") not in ACTIVATIONS
-    if unsupported:
-        raise ValueError(f"config.json asks for num_channels {config.get('num_channels')} / hidden_act "
+    if config.get("num_channels", 3) != 3 or config.get("hidden_act", "gelu") not in ACTIVATIONS:
+        raise ValueError(f"config.json asks for num_channels {config.get('num_channels')} and hidden_act "
                          f"{config.get('hidden_act')!r}; only 3 channels and {', '.join(ACTIVATIONS)} are supported")
-    weights = path if os.path.isfile(path) else next(
-        (os.path.join(folder, n) for n in ("model.safetensors", "pytorch_model.bin")
-         if os.path.isfile(os.path.join(folder, n))), None)
+    names = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(folder, n))]
+    weights = path if os.path.isfile(path) else os.path.join(folder, names[0]) if names else None
     if weights is None:
         raise ValueError("it has neither model.safetensors nor pytorch_model.bin")
     if weights.endswith(".safetensors"):
-        from safetensors.torch import load_file
         sd = load_file(weights, device="cpu")
     else:
         sd = torch.load(weights, map_location="cpu", weights_only=True)

@@ -76,5 +76,5 @@ def t7_state_dict(net):
     """(state dict, dropout rate) of a pickled Wide_ResNet stub; ValueError if it is something else."""
     name = safe_pickle.stub_name(net) if isinstance(net, safe_pickle.Stub) else type(net).__name__
     if not name.endswith("wide_resnet.Wide_ResNet"):
-        raise ValueError(f"its 'net' is a {name}, not a wide-resnet.pytorch networks.wide_resnet.Wide_ResNet")
+        raise ValueError(f"its 'net' is a {name}")
     return safe_pickle.module_state_dict(net), _dropout_rate(net)

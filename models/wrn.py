@@ -72,16 +72,19 @@ class WideResNet(nn.Module):
 
 
 def robustbench_state_dict(obj):
-    """The bare state dict inside a RobustBench-style checkpoint: unwraps {'state_dict': ...} or
-    {'model': ...}, strips DataParallel's 'module.' prefixes and drops the `sub_block1.*` stage
-    that some RobustBench WRNs define but never use in forward."""
-    for key in ("state_dict", "model"):
+    """The bare state dict inside a RobustBench-style checkpoint: unwraps {'state_dict': ...},
+    {'model': ...} or {'net': ...}, strips DataParallel's 'module.' prefixes (and a 'model.' prefix
+    on every key, as robustbench.utils.load_model does) and drops the `sub_block1.*` stage that some
+    RobustBench WRNs define but never use in forward."""
+    for key in ("state_dict", "model", "net"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict):
         raise ValueError(f"expected a state dict, got {type(obj).__name__}")
-    obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    obj = {str(k).removeprefix("module."): v for k, v in obj.items()}
+    if obj and all(k.startswith("model.") for k in obj):
+        obj = {k.removeprefix("model."): v for k, v in obj.items()}
     return {k: v for k, v in obj.items() if not k.startswith("sub_block1.")}
 
 
