@@ -317,18 +317,20 @@ def build_purifier(args, model):
 
 def load_inputs(args, device, defended=True):
     """Diffusion model (None when undefended), classifier and the first N images, checked against each
-    other (cheap checks first)."""
+    other; the files named on the command line are read before the data set (which may be downloaded)."""
     if not args.classifier:
         raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py; "
                         "`python attack.py --preset smoke` checks an install without one)")
     if defended:
         build_purifier(args, None)  # a bad --nfe / --t-star fails here, before any loading
     model = load_diffusion_model(args.defense, getattr(args, FAMILY_FLAGS[args.defense])) if defended else None
+    classifier = load_classifier(args.classifier, arch=args.arch, norm=args.classifier_norm)
     data = load_split(args.data, args.split)
     if args.n > len(data.labels):
         raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
-    classifier = load_classifier(args.classifier, arch=args.arch, num_classes=len(data.classes),
-                                 norm=args.classifier_norm)
+    if classifier.net.num_classes != len(data.classes):
+        raise UserError(f"classifier checkpoint {args.classifier} has {classifier.net.num_classes} classes, the data "
+                        f"have {len(data.classes)}: pass the classifier trained on this data set")
     if model is not None:
         model = prepare_model(model, device, args.channels_last, args.compile)
     classifier = prepare_model(classifier, device, args.channels_last, args.compile)

@@ -103,6 +103,8 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Defaults that depend on other flags, and every flag checked before anything is loaded."""
+    check_out_dir(args.out)
+    check_device(args.device)
     args.perturb = args.perturb or ("none" if args.init == "scratch" else "rbgm")
     unit, lo, hi = LAMBDA_DEFAULTS[args.perturb]
     args.lambda_unit = unit if args.lambda_unit is None else args.lambda_unit
@@ -132,8 +134,6 @@ def check_args(args):
     if args.init == "pretrained" and not getattr(args, args.model):
         raise UserError(f"pass --{args.model} PATH with the pretrained model (for ddpm e.g. google/ddpm-cifar10-32 "
                         "from https://huggingface.co/google/ddpm-cifar10-32) or --init scratch")
-    check_device(args.device)
-    check_out_dir(args.out)
     return args
 
 
