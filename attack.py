@@ -29,7 +29,7 @@ from addt_attacks import SETTINGS, Defense, NonFiniteError, pgd_eot
 from addt_common import (Dist, Progress, UserError, markdown_table, refuse_overwrite, resolve_precision, run_main,
                          write_json)
 from addt_data import shard, to_float
-from addt_diffusion import DEFAULT_NFE, add_purification_args, ddpm_purifier, load_inputs, make_schedule
+from addt_diffusion import DEFENSES, add_purification_args, build_purifier, check_purification_args, load_inputs
 
 BUDGETS = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1)}  # (eps, step size) on [0, 1] images
 
@@ -46,8 +46,7 @@ def parse_args(argv=None):
                    help="EoT draws per PGD step (default 10 white-box, 1 dw-fwd/dw-both, semi-n dw-semi)")
     p.add_argument("--eval-draws", type=int, default=1,
                    help="also report robust accuracy averaged over K fresh purifications (1 = paper)")
-    p.add_argument("--defense", choices=["ddpm", "ddim", "none"], default="ddpm")
-    add_purification_args(p)
+    add_purification_args(p, DEFENSES + ["none"])
     p.add_argument("--batch-size", type=int, default=64, help="images attacked together")
     p.add_argument("--chunk", type=int, default=64,
                    help="pipelines (image x EoT draw) per forward/backward; results depend on it, not on --batch-size")
@@ -63,7 +62,7 @@ def check_args(args):
     eps, step = BUDGETS[args.norm]
     args.eps = eps if args.eps is None else args.eps
     args.step_size = step if args.step_size is None else args.step_size
-    args.nfe = DEFAULT_NFE.get(args.defense, 1) if args.nfe is None else args.nfe
+    check_purification_args(args)
     default_eot = {"white-box": 10, "dw-fwd": 1, "dw-both": 1, "dw-semi": args.semi_n}[args.setting]
     if args.defense == "none":
         if args.eot not in (None, 1) or args.setting != "white-box":
@@ -120,12 +119,13 @@ def check_same_attack(args):
                             f"({', '.join(changed)}); use those settings or another --out")
 
 
-def summarize(args, sched, records, attacked, seconds, precision):
+def summarize(args, purifier, records, attacked, seconds, precision):
     """Accuracies over all records; speed over the images attacked in this run."""
     n = len(records)
     rs = [records[i] for i in sorted(records)]
-    summary = {"args": vars(args), "precision": precision, "n": n,
-               "timesteps": sched.timesteps if sched else [], "model_calls": len(sched.timesteps) if sched else 0,
+    info = purifier.info if purifier else {}
+    summary = {"args": vars(args), "precision": precision, "n": n, "purifier": info,
+               "timesteps": info.get("timesteps", []), "model_calls": info.get("model_calls", 0),
                "clean_accuracy": 100 * sum(r["clean_pred"] == r["label"] for r in rs) / n,
                "robust_accuracy": 100 * sum(r["pred"] == r["label"] for r in rs) / n,
                "attacked_this_run": attacked, "seconds": seconds,
@@ -157,11 +157,11 @@ def main(argv=None):
     refuse_overwrite(os.path.join(args.out, "args.json"), args.resume)
     if args.resume:
         check_same_attack(args)
-    sched = None if args.defense == "none" else make_schedule(args.defense, args.nfe, args.t_star, args.eta)
-    unet, classifier, images, labels = load_inputs(args, d.device, defended=sched is not None)
+    defended = args.defense != "none"
+    model, classifier, images, labels = load_inputs(args, d.device, defended=defended)
+    purifier = build_purifier(args, model) if defended else None
     precision = resolve_precision(args.precision, d.device)
-    defense = Defense(None if sched is None else ddpm_purifier(unet, sched), classifier, args.setting, args.seed,
-                      args.semi_n, args.chunk, precision)
+    defense = Defense(purifier, classifier, args.setting, args.seed, args.semi_n, args.chunk, precision)
     os.makedirs(args.out, exist_ok=True)
     d.barrier()
     done = read_records(args.out) if args.resume else {}
@@ -191,7 +191,7 @@ def main(argv=None):
     missing = [i for i in range(args.n) if i not in records]
     if missing:
         raise UserError(f"{len(missing)} images have no record (first: {missing[0]}); rerun with --resume")
-    summary = summarize(args, sched, {i: records[i] for i in range(args.n)}, attacked, time.time() - t0, precision)
+    summary = summarize(args, purifier, {i: records[i] for i in range(args.n)}, attacked, time.time() - t0, precision)
     write_json(os.path.join(args.out, "summary.json"), summary)
     table = markdown_table([summary_row(summary)], list(summary_row(summary)))
     with open(os.path.join(args.out, "summary.md"), "w") as f:
@@ -270,10 +270,10 @@ def smoke(args):
     for defense, setting, norm in runs:
         out = os.path.join(args.out, f"smoke-{defense}-{setting}-{norm}")
         argv = ["--defense", defense, "--setting", setting, "--norm", norm, "--out", out, "--n", "8",
-                "--batch-size", "4", "--chunk", "8", "--steps", "3", "--nfe", "5", "--semi-n", "3", "--device", "cpu",
+                "--batch-size", "4", "--chunk", "8", "--steps", "3", "--semi-n", "3", "--device", "cpu",
                 "--ddpm", inputs["ddpm"], "--classifier", inputs["classifier"], "--data", inputs["data"]]
-        if setting == "white-box" and defense != "none":
-            argv += ["--eot", "2"]
+        if defense != "none":
+            argv += ["--nfe", "5"] + (["--eot", "2"] if setting == "white-box" else [])
         if os.path.isdir(out):
             argv.append("--resume")
         rows.append(summary_row(main(argv)))
