@@ -231,6 +231,13 @@ def write_json(path, obj):
     atomic_write_bytes(path, write)
 
 
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write_bytes(path, write)
+
+
 def refuse_overwrite(path, resume, flag="--resume to continue that run"):
     """A run started without --resume must not silently replace an earlier run's results."""
     if not resume and os.path.exists(path):
@@ -360,15 +367,6 @@ class Progress:
     @property
     def elapsed(self):
         return time.time() - self.start
-
-
-def wilson(successes, n, z=1.96):
-    """Wilson score interval of a proportion, in percent: [lo, hi] (fractional successes allowed)."""
-    if n == 0:
-        return [0.0, 100.0]
-    p = successes / n
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [100 * (centre - half) / (1 + z * z / n), 100 * (centre + half) / (1 + z * z / n)]
 
 
 def format_seconds(s):

@@ -286,7 +286,7 @@ def check_purification_args(args):
         if getattr(args, flag) is not None and args.defense not in families:
             raise UserError(f"--{flag.replace('_', '-')} applies to --defense {' / '.join(families)}, "
                             f"not {args.defense}")
-    if args.defense in DEFAULT_NFE and args.nfe is None:
+    if args.defense in DEFAULT_NFE and args.nfe is None:  # ddpm, ddim (vpsde: dt = 1e-3 unless --nfe; none: -)
         args.nfe = DEFAULT_NFE[args.defense]
     args.t_star = 0.1 if args.t_star is None and args.defense in FAMILY_ONLY["t_star"] else args.t_star
     args.eta = 0.0 if args.eta is None and args.defense == "ddim" else args.eta
@@ -349,7 +349,9 @@ def _find(path, patterns, what):
     if not os.path.isdir(path):
         raise UserError(f"{what} not found: {path}")
     import glob
-    found = sorted(f for p in patterns for f in glob.glob(os.path.join(glob.escape(path), p)))
+    found = []
+    for p in patterns:  # the first pattern that matches anything decides
+        found = found or sorted(glob.glob(os.path.join(glob.escape(path), p)))
     if len(found) != 1:
         raise UserError(f"{path}: expected one {what} ({' or '.join(patterns)}) in the folder, found {len(found)}")
     return found[0]

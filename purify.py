@@ -23,7 +23,8 @@ from PIL import Image
 
 from addt_common import (Dist, Progress, UserError, autocast, check_out_dir, check_positive, lock_out,
                          markdown_table, refuse_overwrite, resolve_precision, run_main, sample_seed, unlock_out,
-                         wilson, write_json)
+                         write_json)
+from addt_attacks import wilson_interval
 from addt_data import shard, to_float
 from addt_diffusion import KeyedNoise, add_purification_args, build_purifier, check_purification_args, load_inputs
 
@@ -96,7 +97,8 @@ def main(argv=None):
     results = {"args": vars(args), "precision": precision, "purifier": purifier.info, "n": n,
                "classifier_norm": getattr(classifier, "norm_info", None),
                "classifier_accuracy": 100 * correct[0].item() / n, "purified_accuracy": 100 * correct[1].item() / n,
-               "classifier_accuracy_ci95": wilson(correct[0].item(), n), "purified_accuracy_ci95": wilson(correct[1].item(), n),
+               "classifier_accuracy_ci95": list(wilson_interval(correct[0].item(), n)),
+               "purified_accuracy_ci95": list(wilson_interval(correct[1].item(), n)),
                "seconds": seconds, "images_per_s": n / seconds}
     results["timesteps"] = purifier.info.get("timesteps")  # ddpm/ddim: the reverse timesteps visited
     write_json(os.path.join(args.out, "results.json"), results)
