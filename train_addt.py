@@ -474,7 +474,8 @@ def main(argv=None):
     total = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, args.epochs * steps_per_epoch)
     log_path = os.path.join(args.out, "log.jsonl")
     if d.master:
-        write_json(os.path.join(args.out, "args.json"), {**vars(args), "world": d.world})
+        write_json(os.path.join(args.out, "args.json"), {**vars(args), "world": d.world,
+                                                         "classifier_norm_info": getattr(classifier, "norm_info", None)})
         trim_log(log_path, step)
         print(f"ADDT ({args.model}): perturb {args.perturb}, guidance {args.guidance}, {total} steps of "
               f"{args.global_batch} ({d.world} x {per_gpu} x {accum}), {precision}, from step {step}", flush=True)
