@@ -42,3 +42,21 @@ def torchrun():
                 return proc
         return proc
     return run
+
+
+@pytest.fixture
+def killed_at(monkeypatch):
+    """killed_at(module, name, n): the n-th call of module.name raises KeyboardInterrupt, as a kill at that
+    point would stop the run; returns a function that puts the real one back."""
+    def arm(module, name, n):
+        real, calls = getattr(module, name), []
+
+        def dying(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, dying)
+        return lambda: monkeypatch.setattr(module, name, real)
+    return arm

@@ -336,21 +336,13 @@ def test_extend_recomputes_the_cosine_for_the_new_length(inputs, tmp_path):
     assert lrs[2] == pytest.approx(0.05) and lrs[2] > 0  # continued on the longer curve, not restarted at 0.1
 
 
-def test_log_rows_after_resume_equal_when_log_every_does_not_divide_ckpt_every(inputs, tmp_path, monkeypatch):
+def test_log_rows_after_resume_equal_when_log_every_does_not_divide_ckpt_every(inputs, tmp_path, killed_at):
     more = ("--max-steps", "6", "--ckpt-every", "2", "--log-every", "3", "--perturb", "none")
     train_addt.main(addt_flags(inputs, tmp_path / "whole", *more))
-    real, calls = train_addt.train_step, []
-
-    def die_in_step_5(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_addt, "train_step", die_in_step_5)
+    restore = killed_at(train_addt, "train_step", 5)
     with pytest.raises(KeyboardInterrupt):
         train_addt.main(addt_flags(inputs, tmp_path / "parts", *more))
-    monkeypatch.setattr(train_addt, "train_step", real)
+    restore()
     train_addt.main(addt_flags(inputs, tmp_path / "parts", *more, "--resume"))  # from step 4: 1 step of the window
     strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731
     a, b = (strip(read_jsonl(str(tmp_path / p / "log.jsonl"))) for p in ("whole", "parts"))

@@ -239,7 +239,7 @@ def test_scratch_init_is_seeded(inputs, tmp_path):
         train_addt.main(flags(inputs, tmp_path, "--init", "scratch", "--ddpm", str(tmp_path), classifier=False))
 
 
-def test_resume_is_exact(inputs, tmp_path, monkeypatch):
+def test_resume_is_exact(inputs, tmp_path, killed_at):
     """6 steps in one go vs killed during step 5 (checkpoint at 3, log rows to 4) and resumed: dropout,
     flips, t, CGPO's draws and RBGM all replay, so every tensor is bit-identical, and the log holds each
     step once. Two micro-batches per step."""
@@ -247,18 +247,10 @@ def test_resume_is_exact(inputs, tmp_path, monkeypatch):
     more = ("--max-steps", "6", "--ckpt-every", "3", "--batch-size", "2", "--cgpo-iters", "2", "--log-every", "1")
     train_addt.main(flags(inputs, whole, *more))
 
-    real_step, calls = train_addt.train_step, []
-
-    def die_in_step_5(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(train_addt, "train_step", die_in_step_5)
+    restore = killed_at(train_addt, "train_step", 5)
     with pytest.raises(KeyboardInterrupt):
         train_addt.main(flags(inputs, parts, *more))
-    monkeypatch.setattr(train_addt, "train_step", real_step)
+    restore()
     assert torch.load(parts / "ckpt.pt", weights_only=True)["step"] == 3
     assert [json.loads(line)["step"] for line in open(parts / "log.jsonl")] == [1, 2, 3, 4]
     train_addt.main(flags(inputs, parts, *more, "--resume"))

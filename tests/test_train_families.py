@@ -117,25 +117,17 @@ def test_cgpo_raises_the_classifier_loss(family, inputs):
 
 
 @pytest.mark.parametrize("family", ["vpsde", "edm"])
-def test_resume_is_exact_and_the_export_loads(family, inputs, tmp_path, monkeypatch):
+def test_resume_is_exact_and_the_export_loads(family, inputs, tmp_path, killed_at):
     flags = lambda out, *more: ["--model", family, f"--{family}", inputs[family], "--classifier", inputs["classifier"],  # noqa: E731
                                 "--data", inputs["data"], "--out", str(out), "--device", "cpu", "--global-batch", "2",
                                 "--cgpo-iters", "1", "--max-steps", "3", "--ckpt-every", "2", "--log-every", "1", *more]
     net, ema = train_addt.main(flags(tmp_path / "whole"))
     want_p = {"vpsde": 0.1, "edm": 0.13}[family]  # --dropout's default per family, on every Dropout
     assert {m.p for m in net.modules() if isinstance(m, nn.Dropout)} == {want_p}
-    real, calls = train_addt.train_step, []
-
-    def die_in_step_3(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_addt, "train_step", die_in_step_3)
+    restore = killed_at(train_addt, "train_step", 3)
     with pytest.raises(KeyboardInterrupt):
         train_addt.main(flags(tmp_path / "parts"))
-    monkeypatch.setattr(train_addt, "train_step", real)
+    restore()
     train_addt.main(flags(tmp_path / "parts", "--resume"))
     a, b = (torch.load(tmp_path / p / "ckpt.pt", weights_only=True) for p in ("whole", "parts"))
     for sd_a, sd_b in ((a["model"], b["model"]), (a["ema"]["model"], b["ema"]["model"])):
