@@ -69,6 +69,8 @@ def as_noise(noise):
     return fixed_noise(list(noise))
 
 
+# ---------------------------------------------------------------- DP_DDPM and DP_DDIM
+
 def linear_alpha_bar(T=T, beta_start=1e-4, beta_end=0.02):
     """alpha_bar[t] = prod(1 - beta[0..t]), t = 0..T-1, computed in float32 like diffusers."""
     betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
@@ -196,298 +198,6 @@ def ddpm_purifier(unet, sched):
     return Purifier(sched.sampler, ddpm_purify, unet, info, sched=sched)
 
 
-# what our DDPM/DDIM samplers implement; a diffusers pipeline's scheduler_config.json must agree
-SCHEDULER_EXPECTED = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
-                      "prediction_type": "epsilon", "clip_sample": True, "trained_betas": None, "thresholding": False,
-                      "timestep_spacing": "leading", "steps_offset": 0, "clip_sample_range": 1.0}
-
-
-def check_scheduler_config(path):
-    """A pipeline directory (DIR/scheduler/scheduler_config.json) may describe a schedule our samplers do
-    not implement (cosine betas, v-prediction, ...): refuse it instead of purifying with the wrong one."""
-    cfg_path = os.path.join(path, "scheduler", "scheduler_config.json")
-    if not os.path.isfile(cfg_path):
-        return
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{cfg_path} is not valid JSON") from None
-    wrong = [f"{k}={cfg[k]!r} (we implement {v!r})" for k, v in SCHEDULER_EXPECTED.items()
-             if k in cfg and not (cfg[k] == v or isinstance(v, float) and isinstance(cfg[k], (int, float))
-                                  and math.isclose(cfg[k], v, rel_tol=1e-9))]
-    if cfg.get("variance_type", "fixed_large") not in ("fixed_large", "fixed_small"):
-        wrong.append(f"variance_type={cfg['variance_type']!r}")
-    if wrong:
-        raise UserError(f"{path}: its scheduler uses settings our DDPM/DDIM samplers do not implement: "
-                        f"{', '.join(wrong)}; purification here is the linear 1e-4..0.02 schedule over 1000 steps, "
-                        "epsilon prediction, clipped x0 (SPEC.md)")
-
-
-def load_unet(path, **overrides):
-    """The diffusers-layout UNet at `path` (a UNet folder or a pipeline folder, whose scheduler config
-    is checked), with a clear error when it is missing, unreadable or mismatched."""
-    from models.unet import UNet
-    hint = ("pass --ddpm DIR holding config.json + diffusion_pytorch_model.safetensors (for example the "
-            "google/ddpm-cifar10-32 repository from https://huggingface.co/google/ddpm-cifar10-32, or the "
-            "export of train_addt.py, which also trains one from scratch with --init scratch)")
-    if not path:
-        raise UserError(f"no diffusion model given: {hint}")
-    if os.path.isdir(path):
-        check_scheduler_config(path)
-    try:
-        return UNet.from_pretrained(path, **overrides)
-    except FileNotFoundError as e:
-        raise UserError(f"{e}; {hint}") from None
-    except ValueError as e:
-        raise UserError(f"diffusion model {path}: {e}") from None
-
-
-DEFENSES = ["ddpm", "ddim", "vpsde", "edm"]
-# flags that belong to some families only: --flag -> the defences it applies to
-FAMILY_ONLY = {"nfe": ("ddpm", "ddim", "vpsde"), "t_star": ("ddpm", "ddim", "vpsde"), "eta": ("ddim",),
-               "sigma_max": ("edm",), "edm_steps": ("edm",), "s_churn": ("edm",)}
-
-
-def add_purification_args(p, defenses=DEFENSES):
-    """The flags purify.py and attack.py share: defence and models, classifier, data, schedule, speed."""
-    p.add_argument("--defense", choices=defenses, default="ddpm",
-                   help="DP_DDPM, DP_DDIM, DiffPure's VP-SDE (DDPM++) or ADDT's EDM purification")
-    p.add_argument("--ddpm", help="diffusers UNet or DDPMPipeline folder (e.g. google/ddpm-cifar10-32), ddpm/ddim")
-    p.add_argument("--vpsde", help="score_sde checkpoint (DiffPure's checkpoint_8.pth) or a train_addt export")
-    p.add_argument("--edm", help="EDM pickle (edm-cifar10-32x32-uncond-vp.pkl), ADDT .pth or a train_addt export")
-    p.add_argument("--classifier", help="classifier checkpoint: ours, RobustBench, wide-resnet.pytorch .t7, HF ViT")
-    p.add_argument("--arch", default=None, help="classifier arch for a bare state dict (default: from its keys)")
-    p.add_argument("--classifier-norm", default=None,
-                   help="none | cifar10 | cifar100 | M1,M2,M3/S1,S2,S3 (default: the checkpoint family's)")
-    p.add_argument("--data", default="cifar10", help="data set name or path (see addt_data.py)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--n", "--num-images", dest="n", type=int, default=1024,
-                   help="first N images of the split (write --num-images under torchrun, which takes --n as its own)")
-    p.add_argument("--nfe", type=int, default=None, help="paper's NFE (default 100 ddpm, 10 ddim); vpsde: Euler "
-                   "steps (default: dt = 1e-3, DiffPure's grid)")
-    p.add_argument("--t-star", type=float, default=None, help="diffusion depth as a fraction of T (default 0.1)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0 = deterministic reverse)")
-    p.add_argument("--sigma-max", type=float, default=None, help="edm: t* in sigma units (default 0.5)")
-    p.add_argument("--edm-steps", type=int, default=None, help="edm: reverse steps (default 50; 2 x steps - 1 calls)")
-    p.add_argument("--s-churn", type=float, default=None, help="edm: S_churn (default 6 = EDM-SDE; 0 = EDM-ODE)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="fp32",
-                   help="fp32 as the official code (default); bf16 autocast is the fast path (auto: bf16 on CUDA)")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
-
-
-def check_purification_args(args):
-    """Defaults per defence and every shared flag checked before anything is loaded."""
-    from addt_common import check_device, check_positive, check_range, require
-    for flag, families in FAMILY_ONLY.items():
-        if getattr(args, flag) is not None and args.defense not in families:
-            raise UserError(f"--{flag.replace('_', '-')} applies to --defense {' / '.join(families)}, "
-                            f"not {args.defense}")
-    if args.defense in DEFAULT_NFE and args.nfe is None:  # ddpm, ddim (vpsde: dt = 1e-3 unless --nfe; none: -)
-        args.nfe = DEFAULT_NFE[args.defense]
-    args.t_star = 0.1 if args.t_star is None and args.defense in FAMILY_ONLY["t_star"] else args.t_star
-    args.eta = 0.0 if args.eta is None and args.defense == "ddim" else args.eta
-    if args.defense == "edm":
-        args.sigma_max = 0.5 if args.sigma_max is None else args.sigma_max
-        args.edm_steps = 50 if args.edm_steps is None else args.edm_steps
-        args.s_churn = 6.0 if args.s_churn is None else args.s_churn
-    check_positive(args, "n", "nfe", "edm_steps", "sigma_max")
-    check_range(args, "t_star", 0, 1, lo_open=True, hi_open=True)
-    check_range(args, "eta", 0, 1)
-    check_range(args, "s_churn", 0, math.inf, hi_open=True)
-    require(args.seed >= 0, f"--seed must be non-negative, not {args.seed}")
-    if args.classifier_norm is not None:
-        from models import parse_norm
-        parse_norm(args.classifier_norm)
-    check_device(args.device)
-
-
-def build_purifier(args, model):
-    """The Purifier of --defense around its loaded model, with the flags' settings."""
-    if args.defense in ("ddpm", "ddim"):
-        return ddpm_purifier(model, make_schedule(args.defense, args.nfe, args.t_star, args.eta or 0.0))
-    if args.defense == "vpsde":
-        dt = 1e-3 if args.nfe is None else args.t_star / args.nfe
-        return vpsde_purifier(model, t_star=args.t_star, dt=dt)
-    return edm_purifier(model, sigma_max=args.sigma_max, num_steps=args.edm_steps, S_churn=args.s_churn)
-
-
-def load_inputs(args, device, defended=True):
-    """Diffusion model (None when undefended), classifier and the first N images, checked against each
-    other; the files named on the command line are read before the data set (which may be downloaded)."""
-    if not args.classifier:
-        raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py; "
-                        "`python attack.py --preset smoke` checks an install without one)")
-    if defended:
-        build_purifier(args, None)  # a bad --nfe / --t-star fails here, before any loading
-    model = load_diffusion_model(args.defense, getattr(args, FAMILY_FLAGS[args.defense])) if defended else None
-    classifier = load_classifier(args.classifier, arch=args.arch, norm=args.classifier_norm)
-    data = load_split(args.data, args.split)
-    if args.n > len(data.labels):
-        raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
-    if classifier.net.num_classes != len(data.classes):
-        raise UserError(f"classifier checkpoint {args.classifier} has {classifier.net.num_classes} classes, the data "
-                        f"have {len(data.classes)}: pass the classifier trained on this data set")
-    if model is not None:
-        model = prepare_model(model, device, args.channels_last, args.compile)
-    classifier = prepare_model(classifier, device, args.channels_last, args.compile)
-    return model, classifier, data.images[:args.n], data.labels[:args.n]
-
-
-# ---------------------------------------------------------------- the diffusion models of every family
-
-FAMILY_FLAGS = {"ddpm": "ddpm", "ddim": "ddpm", "vpsde": "vpsde", "edm": "edm"}  # --defense -> its model flag
-
-
-def _find(path, patterns, what):
-    """path itself, or the one file in the folder `path` matching the patterns (a train_addt.py export)."""
-    if os.path.isfile(path):
-        return path
-    if not os.path.isdir(path):
-        raise UserError(f"{what} not found: {path}")
-    import glob
-    found = []
-    for p in patterns:  # the first pattern that matches anything decides
-        found = found or sorted(glob.glob(os.path.join(glob.escape(path), p)))
-    if len(found) != 1:
-        raise UserError(f"{path}: expected one {what} ({' or '.join(patterns)}) in the folder, found {len(found)}")
-    return found[0]
-
-
-def load_diffusion_model(family, path):
-    """The pretrained model of a family, in eval mode on the CPU: ddpm/ddim a diffusers UNet folder, vpsde a
-    score_sde checkpoint (EMA weights, as DiffPure), edm an EDM pickle or the ADDT authors' .pth export;
-    a train_addt.py export folder works for each. One-line errors for missing or bad files."""
-    family = FAMILY_FLAGS[family]
-    if not path:
-        raise UserError(f"no diffusion model given: pass --{family} PATH")
-    try:
-        if family == "ddpm":
-            return load_unet(path)
-        if family == "vpsde":
-            from models.ncsnpp import load_score_sde
-            return load_score_sde(_find(path, ["checkpoint*.pth", "*.pth"], "score_sde checkpoint"))
-        from models.edm import load_edm
-        return load_edm(_find(path, ["*.pkl", "*.pth"], "EDM network pickle or .pth"))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise UserError(f"diffusion model {path}: {e}") from None
-
-
-def new_diffusion_model(family, config=None):
-    """Random weights of a family's architecture (its paper config when config is None)."""
-    if family == "vpsde":
-        from models.ncsnpp import NCSNpp
-        return NCSNpp(config)
-    from models.edm import new_edm
-    return new_edm(config)
-
-
-def save_diffusion_model(family, model, folder, step=0):
-    """Write the weights in the family's own format: a diffusers DDPMPipeline folder (ddpm), a score_sde
-    checkpoint.pth with the weights as its EMA (vpsde: DiffPure and load_diffusion_model read it), the
-    ADDT authors' state-dict .pth (edm); each with the config beside it."""
-    os.makedirs(folder, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if family == "ddpm":
-        model.save_pretrained(os.path.join(folder, "unet"))
-        scheduler = {"_class_name": "DDPMScheduler", "variance_type": "fixed_large", **SCHEDULER_EXPECTED}
-        for name, obj in (("scheduler/scheduler_config.json", scheduler),
-                          ("model_index.json", {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
-                                                "unet": ["diffusers", "UNet2DModel"]})):
-            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
-            with open(os.path.join(folder, name), "w") as f:
-                json.dump(obj, f, indent=2)
-        return
-    if family == "vpsde":
-        torch.save({"model": {f"module.{k}": v for k, v in sd.items()},
-                    "ema": {"decay": 0.9999, "num_updates": step,
-                            "shadow_params": [p.detach().cpu() for p in model.parameters()]},
-                    "step": step}, os.path.join(folder, "checkpoint.pth"))
-    else:
-        torch.save(sd, os.path.join(folder, "edm-ema.pth"))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(model.config, f, indent=2)
-
-
-# ---------------------------------------------------------------- EDM (ADDT's EDM purification)
-
-def edm_schedule(sigma_max=0.5, num_steps=50, S_churn=6.0, S_min=0.01, S_max=0.46, S_noise=1.007,
-                 sigma_min=0.002, rho=7.0):
-    """The noise levels of EDM's stochastic sampler (Karras et al. 2022, eq. 5 and Algorithm 2) started at
-    sigma_max: t_steps (N+1,) from sigma_max down to sigma_min, then 0; gamma (N,), the churn of step i,
-    on where S_min <= t_cur <= S_max; t_hat = t_cur + gamma t_cur; churn = sqrt(t_hat^2 - t_cur^2) S_noise,
-    the std of the noise step i adds. CPU float32 in the official order of operations (ADDT's
-    sampler/edm.py works in float32, where EDM's generate.py uses float64), so they equal ADDT's bit for bit."""
-    if num_steps < 2:
-        raise UserError(f"EDM purification needs at least 2 steps (the schedule divides by N - 1), got {num_steps}")
-    if not sigma_max > sigma_min > 0:
-        raise UserError(f"EDM purification needs sigma_max > sigma_min > 0, got {sigma_max} and {sigma_min}")
-    i = torch.arange(num_steps, dtype=torch.float32)
-    t_steps = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    t_steps = torch.cat([t_steps, torch.zeros(1)])  # t_N = 0
-    t_cur = t_steps[:-1]
-    gamma = torch.where((S_min <= t_cur) & (t_cur <= S_max), min(S_churn / num_steps, math.sqrt(2) - 1), 0.0)
-    t_hat = t_cur + gamma * t_cur
-    churn = (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise
-    return t_steps, gamma, t_hat, churn
-
-
-def heun_step(net, x_hat, t_hat, t_next, second_order):
-    """EDM Algorithm 2, lines 7-10: an Euler step from x_hat at t_hat to t_next, then the trapezoidal
-    (2nd order) correction, which the last step (t_next = 0) skips."""
-    d_cur = (x_hat - net(x_hat, t_hat)) / t_hat
-    x_next = x_hat + (t_next - t_hat) * d_cur
-    if second_order:
-        d_prime = (x_next - net(x_next, t_next)) / t_next
-        x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-    return x_next
-
-
-def edm_purify(net, x, noise=None, sigma_max=0.5, num_steps=50, S_churn=6.0, S_min=0.01, S_max=0.46, S_noise=1.007,
-               sigma_min=0.002, rho=7.0, grad_checkpoint=False, trace=None):
-    """ADDT's EDM purification (EDMStochasticSampler.purify; purify_lock with replayed draws): an image in
-    [0, 1] -> 2x - 1, plus noise of std sigma_max (VE style: the image is not scaled), then EDM's stochastic
-    Heun sampler from sigma_max to 0 (2 num_steps - 1 calls of the denoiser `net(x, sigma)`), and back to
-    [0, 1], clamped. S_churn = 0 is the deterministic (EDM-ODE) variant.
-    noise: see the module docstring; draw 0 is the forward noise and draw 1 + i the churn noise of step i,
-    taken at every step even where gamma = 0 (as the official code does), so the indices never shift.
-    grad_checkpoint recomputes each step's denoiser calls in the backward pass (one image kept per step).
-    trace: an optional list that receives x after the forward noise, then x_hat_i and x_{i+1} of every
-    step i, in [-1, 1] before the clamp: x_hat_i = trace[1 + 2 i], x_{i+1} = trace[2 + 2 i]."""
-    noise = as_noise(noise)
-    t_steps, _, t_hat, churn = edm_schedule(sigma_max, num_steps, S_churn, S_min, S_max, S_noise, sigma_min, rho)
-    t_steps, t_hat, churn = t_steps.to(x.device), t_hat.to(x.device), churn.to(x.device)  # once, not per step
-    x = (2 * x - 1) + noise(0, x) * sigma_max
-    if trace is not None:
-        trace.append(x.detach())
-    for i in range(num_steps):
-        x_hat = x + churn[i] * noise(1 + i, x)
-        args = (net, x_hat, t_hat[i], t_steps[i + 1], i < num_steps - 1)
-        if grad_checkpoint and torch.is_grad_enabled():
-            x = checkpoint(heun_step, *args, use_reentrant=False)
-        else:
-            x = heun_step(*args)
-        if trace is not None:
-            trace.extend([x_hat.detach(), x.detach()])
-    return ((x + 1) / 2).clamp(0, 1)
-
-
-def edm_purifier(net, sigma_max=0.5, num_steps=50, S_churn=6.0, S_min=0.01, S_max=0.46, S_noise=1.007,
-                 sigma_min=0.002, rho=7.0):
-    """ADDT's EDM defence around the denoiser `net` (models/edm.py); the defaults are those of ADDT's
-    script_edm_sde/edm_run_*.sh (t* = sigma_max = 0.5, 50 steps, churn 6)."""
-    settings = dict(sigma_max=sigma_max, num_steps=num_steps, S_churn=S_churn, S_min=S_min, S_max=S_max,
-                    S_noise=S_noise, sigma_min=sigma_min, rho=rho)
-    t_steps, gamma, _, _ = edm_schedule(**settings)
-    info = {"family": "edm", "variant": "sde" if S_churn > 0 else "ode", "sigma_max": sigma_max, "steps": num_steps,
-            "S_churn": S_churn, "S_min": S_min, "S_max": S_max, "S_noise": S_noise, "sigma_min": sigma_min, "rho": rho,
-            "t_steps": t_steps.tolist(), "churn_steps": int((gamma > 0).sum()), "model_calls": 2 * num_steps - 1}
-    return Purifier("edm", edm_purify, net, info, **settings)
-
-
 # ---------------------------------------------------------------- VP-SDE (DiffPure)
 
 VPSDE_EPS = 1e-5  # DiffPure integrates the reverse SDE down to forward time 1e-5, not 0
@@ -583,3 +293,297 @@ def vpsde_purifier(model, t_star=0.1, beta_min=0.1, beta_max=20.0, dt=1e-3):
             "alpha_bar_star": float(linear_alpha_bar(T, beta_min / T, beta_max / T)[t - 1]),
             "sde_times": [float(times[0]), float(times[-1])], "model_calls": steps, "noise_draws": 1 + steps}
     return Purifier("vpsde", vpsde_purify, model, info, **settings)
+
+
+# ---------------------------------------------------------------- EDM (ADDT's EDM purification)
+
+def edm_schedule(sigma_max=0.5, num_steps=50, S_churn=6.0, S_min=0.01, S_max=0.46, S_noise=1.007,
+                 sigma_min=0.002, rho=7.0):
+    """The noise levels of EDM's stochastic sampler (Karras et al. 2022, eq. 5 and Algorithm 2) started at
+    sigma_max: t_steps (N+1,) from sigma_max down to sigma_min, then 0; gamma (N,), the churn of step i,
+    on where S_min <= t_cur <= S_max; t_hat = t_cur + gamma t_cur; churn = sqrt(t_hat^2 - t_cur^2) S_noise,
+    the std of the noise step i adds. CPU float32 in the official order of operations (ADDT's
+    sampler/edm.py works in float32, where EDM's generate.py uses float64), so they equal ADDT's bit for bit."""
+    if num_steps < 2:
+        raise UserError(f"EDM purification needs at least 2 steps (the schedule divides by N - 1), got {num_steps}")
+    if not sigma_max > sigma_min > 0:
+        raise UserError(f"EDM purification needs sigma_max > sigma_min > 0, got {sigma_max} and {sigma_min}")
+    i = torch.arange(num_steps, dtype=torch.float32)
+    t_steps = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = torch.cat([t_steps, torch.zeros(1)])  # t_N = 0
+    t_cur = t_steps[:-1]
+    gamma = torch.where((S_min <= t_cur) & (t_cur <= S_max), min(S_churn / num_steps, math.sqrt(2) - 1), 0.0)
+    t_hat = t_cur + gamma * t_cur
+    churn = (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise
+    return t_steps, gamma, t_hat, churn
+
+
+def heun_step(net, x_hat, t_hat, t_next, second_order):
+    """EDM Algorithm 2, lines 7-10: an Euler step from x_hat at t_hat to t_next, then the trapezoidal
+    (2nd order) correction, which the last step (t_next = 0) skips."""
+    d_cur = (x_hat - net(x_hat, t_hat)) / t_hat
+    x_next = x_hat + (t_next - t_hat) * d_cur
+    if second_order:
+        d_prime = (x_next - net(x_next, t_next)) / t_next
+        x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def edm_purify(net, x, noise=None, sigma_max=0.5, num_steps=50, S_churn=6.0, S_min=0.01, S_max=0.46, S_noise=1.007,
+               sigma_min=0.002, rho=7.0, grad_checkpoint=False, trace=None):
+    """ADDT's EDM purification (EDMStochasticSampler.purify; purify_lock with replayed draws): an image in
+    [0, 1] -> 2x - 1, plus noise of std sigma_max (VE style: the image is not scaled), then EDM's stochastic
+    Heun sampler from sigma_max to 0 (2 num_steps - 1 calls of the denoiser `net(x, sigma)`), and back to
+    [0, 1], clamped. S_churn = 0 is the deterministic (EDM-ODE) variant.
+    noise: see the module docstring; draw 0 is the forward noise and draw 1 + i the churn noise of step i,
+    taken at every step even where gamma = 0 (as the official code does), so the indices never shift.
+    grad_checkpoint recomputes each step's denoiser calls in the backward pass (one image kept per step).
+    trace: an optional list that receives x after the forward noise, then x_hat_i and x_{i+1} of every
+    step i, in [-1, 1] before the clamp: x_hat_i = trace[1 + 2 i], x_{i+1} = trace[2 + 2 i]."""
+    noise = as_noise(noise)
+    t_steps, _, t_hat, churn = edm_schedule(sigma_max, num_steps, S_churn, S_min, S_max, S_noise, sigma_min, rho)
+    t_steps, t_hat, churn = t_steps.to(x.device), t_hat.to(x.device), churn.to(x.device)  # once, not per step
+    x = (2 * x - 1) + noise(0, x) * sigma_max
+    if trace is not None:
+        trace.append(x.detach())
+    for i in range(num_steps):
+        x_hat = x + churn[i] * noise(1 + i, x)
+        args = (net, x_hat, t_hat[i], t_steps[i + 1], i < num_steps - 1)
+        if grad_checkpoint and torch.is_grad_enabled():
+            x = checkpoint(heun_step, *args, use_reentrant=False)
+        else:
+            x = heun_step(*args)
+        if trace is not None:
+            trace.extend([x_hat.detach(), x.detach()])
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def edm_purifier(net, sigma_max=0.5, num_steps=50, S_churn=6.0, S_min=0.01, S_max=0.46, S_noise=1.007,
+                 sigma_min=0.002, rho=7.0):
+    """ADDT's EDM defence around the denoiser `net` (models/edm.py); the defaults are those of ADDT's
+    script_edm_sde/edm_run_*.sh (t* = sigma_max = 0.5, 50 steps, churn 6)."""
+    settings = dict(sigma_max=sigma_max, num_steps=num_steps, S_churn=S_churn, S_min=S_min, S_max=S_max,
+                    S_noise=S_noise, sigma_min=sigma_min, rho=rho)
+    t_steps, gamma, _, _ = edm_schedule(**settings)
+    info = {"family": "edm", "variant": "sde" if S_churn > 0 else "ode", "sigma_max": sigma_max, "steps": num_steps,
+            "S_churn": S_churn, "S_min": S_min, "S_max": S_max, "S_noise": S_noise, "sigma_min": sigma_min, "rho": rho,
+            "t_steps": t_steps.tolist(), "churn_steps": int((gamma > 0).sum()), "model_calls": 2 * num_steps - 1}
+    return Purifier("edm", edm_purify, net, info, **settings)
+
+
+# ---------------------------------------------------------------- loading and saving the models of every family
+
+# what our DDPM/DDIM samplers implement; a diffusers pipeline's scheduler_config.json must agree
+SCHEDULER_EXPECTED = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+                      "prediction_type": "epsilon", "clip_sample": True, "trained_betas": None, "thresholding": False,
+                      "timestep_spacing": "leading", "steps_offset": 0, "clip_sample_range": 1.0}
+
+
+def check_scheduler_config(path):
+    """A pipeline directory (DIR/scheduler/scheduler_config.json) may describe a schedule our samplers do
+    not implement (cosine betas, v-prediction, ...): refuse it instead of purifying with the wrong one."""
+    cfg_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(cfg_path):
+        return
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{cfg_path} is not valid JSON") from None
+    wrong = [f"{k}={cfg[k]!r} (we implement {v!r})" for k, v in SCHEDULER_EXPECTED.items()
+             if k in cfg and not (cfg[k] == v or isinstance(v, float) and isinstance(cfg[k], (int, float))
+                                  and math.isclose(cfg[k], v, rel_tol=1e-9))]
+    if cfg.get("variance_type", "fixed_large") not in ("fixed_large", "fixed_small"):
+        wrong.append(f"variance_type={cfg['variance_type']!r}")
+    if wrong:
+        raise UserError(f"{path}: its scheduler uses settings our DDPM/DDIM samplers do not implement: "
+                        f"{', '.join(wrong)}; purification here is the linear 1e-4..0.02 schedule over 1000 steps, "
+                        "epsilon prediction, clipped x0 (SPEC.md)")
+
+
+def load_unet(path, **overrides):
+    """The diffusers-layout UNet at `path` (a UNet folder or a pipeline folder, whose scheduler config
+    is checked), with a clear error when it is missing, unreadable or mismatched."""
+    from models.unet import UNet
+    hint = ("pass --ddpm DIR holding config.json + diffusion_pytorch_model.safetensors (for example the "
+            "google/ddpm-cifar10-32 repository from https://huggingface.co/google/ddpm-cifar10-32, or the "
+            "export of train_addt.py, which also trains one from scratch with --init scratch)")
+    if not path:
+        raise UserError(f"no diffusion model given: {hint}")
+    if os.path.isdir(path):
+        check_scheduler_config(path)
+    try:
+        return UNet.from_pretrained(path, **overrides)
+    except FileNotFoundError as e:
+        raise UserError(f"{e}; {hint}") from None
+    except ValueError as e:
+        raise UserError(f"diffusion model {path}: {e}") from None
+
+
+FAMILY_FLAGS = {"ddpm": "ddpm", "ddim": "ddpm", "vpsde": "vpsde", "edm": "edm"}  # --defense -> its model flag
+
+
+def _find(path, patterns, what):
+    """path itself, or the one file in the folder `path` matching the patterns (a train_addt.py export)."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise UserError(f"{what} not found: {path}")
+    import glob
+    found = []
+    for p in patterns:  # the first pattern that matches anything decides
+        found = found or sorted(glob.glob(os.path.join(glob.escape(path), p)))
+    if len(found) != 1:
+        raise UserError(f"{path}: expected one {what} ({' or '.join(patterns)}) in the folder, found {len(found)}")
+    return found[0]
+
+
+def load_diffusion_model(family, path):
+    """The pretrained model of a family, in eval mode on the CPU: ddpm/ddim a diffusers UNet folder, vpsde a
+    score_sde checkpoint (EMA weights, as DiffPure), edm an EDM pickle or the ADDT authors' .pth export;
+    a train_addt.py export folder works for each. One-line errors for missing or bad files."""
+    family = FAMILY_FLAGS[family]
+    if not path:
+        raise UserError(f"no diffusion model given: pass --{family} PATH")
+    try:
+        if family == "ddpm":
+            return load_unet(path)
+        if family == "vpsde":
+            from models.ncsnpp import load_score_sde
+            return load_score_sde(_find(path, ["checkpoint*.pth", "*.pth"], "score_sde checkpoint"))
+        from models.edm import load_edm
+        return load_edm(_find(path, ["*.pkl", "*.pth"], "EDM network pickle or .pth"))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise UserError(f"diffusion model {path}: {e}") from None
+
+
+def new_diffusion_model(family, config=None):
+    """Random weights of a family's architecture (its paper config when config is None)."""
+    if family == "vpsde":
+        from models.ncsnpp import NCSNpp
+        return NCSNpp(config)
+    from models.edm import new_edm
+    return new_edm(config)
+
+
+def save_diffusion_model(family, model, folder, step=0):
+    """Write the weights in the family's own format: a diffusers DDPMPipeline folder (ddpm), a score_sde
+    checkpoint.pth with the weights as its EMA (vpsde: DiffPure and load_diffusion_model read it), the
+    ADDT authors' state-dict .pth (edm); each with the config beside it."""
+    os.makedirs(folder, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if family == "ddpm":
+        model.save_pretrained(os.path.join(folder, "unet"))
+        scheduler = {"_class_name": "DDPMScheduler", "variance_type": "fixed_large", **SCHEDULER_EXPECTED}
+        for name, obj in (("scheduler/scheduler_config.json", scheduler),
+                          ("model_index.json", {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+                                                "unet": ["diffusers", "UNet2DModel"]})):
+            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+            with open(os.path.join(folder, name), "w") as f:
+                json.dump(obj, f, indent=2)
+        return
+    if family == "vpsde":
+        torch.save({"model": {f"module.{k}": v for k, v in sd.items()},
+                    "ema": {"decay": 0.9999, "num_updates": step,
+                            "shadow_params": [p.detach().cpu() for p in model.parameters()]},
+                    "step": step}, os.path.join(folder, "checkpoint.pth"))
+    else:
+        torch.save(sd, os.path.join(folder, "edm-ema.pth"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(model.config, f, indent=2)
+
+
+# ---------------------------------------------------------------- the flags purify.py and attack.py share
+
+DEFENSES = ["ddpm", "ddim", "vpsde", "edm"]
+# flags that belong to some families only: --flag -> the defences it applies to
+FAMILY_ONLY = {"nfe": ("ddpm", "ddim", "vpsde"), "t_star": ("ddpm", "ddim", "vpsde"), "eta": ("ddim",),
+               "sigma_max": ("edm",), "edm_steps": ("edm",), "s_churn": ("edm",)}
+
+
+def add_purification_args(p, defenses=DEFENSES):
+    """The flags purify.py and attack.py share: defence and models, classifier, data, schedule, speed."""
+    p.add_argument("--defense", choices=defenses, default="ddpm",
+                   help="DP_DDPM, DP_DDIM, DiffPure's VP-SDE (DDPM++) or ADDT's EDM purification")
+    p.add_argument("--ddpm", help="diffusers UNet or DDPMPipeline folder (e.g. google/ddpm-cifar10-32), ddpm/ddim")
+    p.add_argument("--vpsde", help="score_sde checkpoint (DiffPure's checkpoint_8.pth) or a train_addt export")
+    p.add_argument("--edm", help="EDM pickle (edm-cifar10-32x32-uncond-vp.pkl), ADDT .pth or a train_addt export")
+    p.add_argument("--classifier", help="classifier checkpoint: ours, RobustBench, wide-resnet.pytorch .t7, HF ViT")
+    p.add_argument("--arch", default=None, help="classifier arch for a bare state dict (default: from its keys)")
+    p.add_argument("--classifier-norm", default=None,
+                   help="none | cifar10 | cifar100 | M1,M2,M3/S1,S2,S3 (default: the checkpoint family's)")
+    p.add_argument("--data", default="cifar10", help="data set name or path (see addt_data.py)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", "--num-images", dest="n", type=int, default=1024,
+                   help="first N images of the split (write --num-images under torchrun, which takes --n as its own)")
+    p.add_argument("--nfe", type=int, default=None, help="paper's NFE (default 100 ddpm, 10 ddim); vpsde: Euler "
+                   "steps (default: dt = 1e-3, DiffPure's grid)")
+    p.add_argument("--t-star", type=float, default=None, help="diffusion depth as a fraction of T (default 0.1)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0 = deterministic reverse)")
+    p.add_argument("--sigma-max", type=float, default=None, help="edm: t* in sigma units (default 0.5)")
+    p.add_argument("--edm-steps", type=int, default=None, help="edm: reverse steps (default 50; 2 x steps - 1 calls)")
+    p.add_argument("--s-churn", type=float, default=None, help="edm: S_churn (default 6 = EDM-SDE; 0 = EDM-ODE)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="fp32",
+                   help="fp32 as the official code (default); bf16 autocast is the fast path (auto: bf16 on CUDA)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+
+
+def check_purification_args(args):
+    """Defaults per defence and every shared flag checked before anything is loaded."""
+    from addt_common import check_device, check_positive, check_range, require
+    for flag, families in FAMILY_ONLY.items():
+        if getattr(args, flag) is not None and args.defense not in families:
+            raise UserError(f"--{flag.replace('_', '-')} applies to --defense {' / '.join(families)}, "
+                            f"not {args.defense}")
+    if args.defense in DEFAULT_NFE and args.nfe is None:  # ddpm, ddim (vpsde: dt = 1e-3 unless --nfe; none: -)
+        args.nfe = DEFAULT_NFE[args.defense]
+    args.t_star = 0.1 if args.t_star is None and args.defense in FAMILY_ONLY["t_star"] else args.t_star
+    args.eta = 0.0 if args.eta is None and args.defense == "ddim" else args.eta
+    if args.defense == "edm":
+        args.sigma_max = 0.5 if args.sigma_max is None else args.sigma_max
+        args.edm_steps = 50 if args.edm_steps is None else args.edm_steps
+        args.s_churn = 6.0 if args.s_churn is None else args.s_churn
+    check_positive(args, "n", "nfe", "edm_steps", "sigma_max")
+    check_range(args, "t_star", 0, 1, lo_open=True, hi_open=True)
+    check_range(args, "eta", 0, 1)
+    check_range(args, "s_churn", 0, math.inf, hi_open=True)
+    require(args.seed >= 0, f"--seed must be non-negative, not {args.seed}")
+    if args.classifier_norm is not None:
+        from models import parse_norm
+        parse_norm(args.classifier_norm)
+    check_device(args.device)
+
+
+def build_purifier(args, model):
+    """The Purifier of --defense around its loaded model, with the flags' settings."""
+    if args.defense in ("ddpm", "ddim"):
+        return ddpm_purifier(model, make_schedule(args.defense, args.nfe, args.t_star, args.eta or 0.0))
+    if args.defense == "vpsde":
+        dt = 1e-3 if args.nfe is None else args.t_star / args.nfe
+        return vpsde_purifier(model, t_star=args.t_star, dt=dt)
+    return edm_purifier(model, sigma_max=args.sigma_max, num_steps=args.edm_steps, S_churn=args.s_churn)
+
+
+def load_inputs(args, device, defended=True):
+    """Diffusion model (None when undefended), classifier and the first N images, checked against each
+    other; the files named on the command line are read before the data set (which may be downloaded)."""
+    if not args.classifier:
+        raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py; "
+                        "`python attack.py --preset smoke` checks an install without one)")
+    if defended:
+        build_purifier(args, None)  # a bad --nfe / --t-star fails here, before any loading
+    model = load_diffusion_model(args.defense, getattr(args, FAMILY_FLAGS[args.defense])) if defended else None
+    classifier = load_classifier(args.classifier, arch=args.arch, norm=args.classifier_norm)
+    data = load_split(args.data, args.split)
+    if args.n > len(data.labels):
+        raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
+    if classifier.net.num_classes != len(data.classes):
+        raise UserError(f"classifier checkpoint {args.classifier} has {classifier.net.num_classes} classes, the data "
+                        f"have {len(data.classes)}: pass the classifier trained on this data set")
+    if model is not None:
+        model = prepare_model(model, device, args.channels_last, args.compile)
+    classifier = prepare_model(classifier, device, args.channels_last, args.compile)
+    return model, classifier, data.images[:args.n], data.labels[:args.n]
