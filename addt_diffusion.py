@@ -555,6 +555,8 @@ def check_purification_args(args):
         from models import parse_norm
         parse_norm(args.classifier_norm)
     check_device(args.device)
+    if args.defense in DEFENSES:
+        build_purifier(args, None)  # the schedule (--nfe vs --t-star, EDM's steps) is checked before any loading
 
 
 def build_purifier(args, model):
@@ -573,8 +575,6 @@ def load_inputs(args, device, defended=True):
     if not args.classifier:
         raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py; "
                         "`python attack.py --preset smoke` checks an install without one)")
-    if defended:
-        build_purifier(args, None)  # a bad --nfe / --t-star fails here, before any loading
     model = load_diffusion_model(args.defense, getattr(args, FAMILY_FLAGS[args.defense])) if defended else None
     classifier = load_classifier(args.classifier, arch=args.arch, norm=args.classifier_norm)
     data = load_split(args.data, args.split)

@@ -17,6 +17,8 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -28,8 +30,8 @@ import attack
 import train_addt
 from addt_attacks import EVAL, Defense, evaluate
 from addt_common import (UserError, autocast, check_device, check_out_dir, check_positive, format_seconds,
-                         markdown_table, prepare_model, refuse_overwrite, require, resolve_precision, run_main,
-                         write_json)
+                         markdown_table, prepare_model, read_json, refuse_overwrite, require, resolve_precision,
+                         run_main, write_json, write_text)
 from addt_diffusion import (ddpm_purifier, edm_purifier, fresh_noise, linear_alpha_bar, make_schedule,
                             new_diffusion_model, vpsde_purifier)
 from kernels import rbgm as rbgm_module
@@ -38,6 +40,7 @@ from kernels.rbgm import rbgm, rbgm_reference, sorted_normal_rows
 from models import build_classifier
 from models.unet import DDPM_CIFAR10_CONFIG, UNet
 
+REPO = os.path.dirname(os.path.abspath(__file__))
 PAPER = dict(images=1024, pgd_steps=20, evaluations=2)  # PGD20-EoT10 on 1024 images, clean + final evaluation
 EPOCH_IMAGES, EPOCHS = 50_000, 100
 TARGETS = dict(attack_speedup=20.0, epoch_s=80.0, rbgm_speedup=4.0, step_speedup=1.0)
@@ -68,9 +71,20 @@ def parse_args(argv=None):
     p.add_argument("--compile-cpu", action="store_true", help="also torch.compile on the CPU (slow to compile)")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--runbook", action="store_true", help="tests, full bench, precision check and the quick preset, "
-                   "one report under runs/runbook (what to run first whenever a GPU is lent)")
+    p.add_argument("--runbook", action="store_true", help="tests, full bench, the quick preset and the precision check, "
+                   "one report under --runbook-out (what to run first whenever a GPU is lent)")
+    p.add_argument("--runbook-steps", default=",".join(RUNBOOK_STEPS), help=f"some of {','.join(RUNBOOK_STEPS)}")
+    p.add_argument("--runbook-out", default="runs/runbook")
+    p.add_argument("--runbook-data", default=os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg"),
+                   help="data for the quick preset and the precision check")
+    p.add_argument("--step-timeout", type=int, default=3600, help="seconds a runbook step may take")
     args = p.parse_args(argv)
+    args.runbook_steps = [s for s in args.runbook_steps.split(",") if s]
+    if args.runbook:
+        require(set(args.runbook_steps) <= set(RUNBOOK_STEPS), f"--runbook-steps: choose from {RUNBOOK_STEPS}")
+        check_device(args.device)
+        check_out_dir(args.runbook_out)
+        return args
     args.only = [s for s in args.only.split(",") if s]
     if not set(args.only) <= set(SECTIONS):
         raise UserError(f"--only: unknown section(s) {sorted(set(args.only) - set(SECTIONS))}; choose from {SECTIONS}")
@@ -390,8 +404,119 @@ def bench_step(shape, device, repeats, kernel):
 
 # ---------------------------------------------------------------- the GPU runbook
 
+RUNBOOK_STEPS = ["tests", "bench", "quick", "precision"]
+
+
+def runbook_tests(args, out):
+    """The whole suite on this machine (its CUDA tests run where CUDA is)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=REPO,
+                          capture_output=True, text=True, timeout=args.step_timeout)
+    last = [line for line in proc.stdout.strip().splitlines() if " in " in line and ("passed" in line or "failed" in line)]
+    write_text(os.path.join(out, "tests.log"), proc.stdout[-200000:] + proc.stderr[-20000:])
+    return {"returncode": proc.returncode, "summary": last[-1] if last else proc.stdout[-500:]}
+
+
+def runbook_bench(args, out):
+    res = main(["--out", os.path.join(out, "bench.json"), "--overwrite", *(["--small"] if args.small else []),
+                *(["--device", args.device] if args.device else [])])
+    a = {f: res[f] for f in ("attack", "vpsde", "edm") if f in res}
+    return {"device": res["device"],
+            "attack": {f: {"speedup": r["speedup"], "ours 1024-img PGD20 s": r["rows"][1]["1024-img PGD20 s"],
+                           "official 1024-img PGD20 s": r["rows"][0]["1024-img PGD20 s"]} for f, r in a.items()},
+            "addt_epoch_s": res["addt"]["epoch s"], "rbgm_kernel_speedup": [r.get("kernel speedup") for r in res["rbgm"]],
+            "step": res["ddpm_step"]["rows"], "memory": res["memory"]}
+
+
+def runbook_quick(args, out):
+    """quick.py at the device's size (resumable: a second call continues where a killed one stopped)."""
+    argv = [sys.executable, "quick.py", "--out", os.path.join(out, "quick")]
+    argv += ["--size", "tiny", "--data", args.runbook_data] if args.small else []
+    argv += ["--device", args.device] if args.device else []
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=args.step_timeout)
+    write_text(os.path.join(out, "quick.log"), proc.stdout[-200000:] + proc.stderr[-20000:])
+    if proc.returncode:
+        raise RuntimeError(f"quick.py exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return read_json(os.path.join(out, "quick", "results.json"), "quick results")
+
+
+def runbook_precision(args, out):
+    """Robust accuracy with bf16 vs fp32 on the same images and seeds (PGD20-EoT10 l_inf, DP_DDPM NFE 10),
+    with the quick preset's ADDT model and classifier; the smoke models when the preset has not run."""
+    quick = os.path.join(out, "quick")
+    models = {"ddpm": os.path.join(quick, "addt", "ema"), "classifier": os.path.join(quick, "classifier", "classifier.pt"),
+              "data": args.runbook_data}
+    if not (os.path.isdir(models["ddpm"]) and os.path.isfile(models["classifier"])):
+        models = attack.make_smoke_inputs(os.path.join(out, "smoke-inputs"))
+    n, steps, eot = (4, 2, 2) if args.small else (1024, 20, 10)
+    res = {}
+    for precision in ("fp32", "bf16"):
+        argv = ["--defense", "ddpm", "--nfe", "10", "--ddpm", models["ddpm"], "--classifier", models["classifier"],
+                "--data", models["data"], "--n", str(n), "--steps", str(steps), "--eot", str(eot), "--chunk",
+                str(min(640, n * eot)), "--batch-size", str(min(64, n)), "--precision", precision,
+                "--out", os.path.join(out, f"precision-{precision}"), *(["--device", args.device] if args.device else [])]
+        if os.path.isdir(os.path.join(out, f"precision-{precision}")):
+            argv.append("--resume")
+        s = attack.main(argv)
+        res[precision] = {k: s[k] for k in ("clean_accuracy", "robust_accuracy", "robust_ci", "seconds")}
+    recs = [attack.read_records(os.path.join(out, f"precision-{p}")) for p in ("fp32", "bf16")]
+    res["images_deciding_differently"] = sum(recs[0][i]["robust"] != recs[1][i]["robust"] for i in recs[0])
+    res["robust_difference_points"] = res["bf16"]["robust_accuracy"] - res["fp32"]["robust_accuracy"]
+    res["models"] = models
+    return res
+
+
+def runbook_markdown(report):
+    """The report, and the rows for the README's GPU table."""
+    lines = [f"# GPU runbook ({report.get('machine', '?')})", ""]
+    for step in RUNBOOK_STEPS:
+        r = report.get(step)
+        if r is None:
+            continue
+        lines.append(f"## {step} ({format_seconds(r.get('seconds', 0))})")
+        if "error" in r:
+            lines.append(f"error: {r['error']}")
+        elif step == "tests":
+            lines.append(f"`pytest tests`: {r['summary']} (exit {r['returncode']})")
+        elif step == "bench":
+            rows = [{"pipeline": f, "speed-up vs official-style": f"{v['speedup']:.1f}x",
+                     "1024-img PGD20 (ours)": format_seconds(v["ours 1024-img PGD20 s"]),
+                     "1024-img PGD20 (official-style)": format_seconds(v["official 1024-img PGD20 s"])}
+                    for f, v in r["attack"].items()]
+            lines += [markdown_table(rows, list(rows[0])), "",
+                      f"ADDT epoch: {r['addt_epoch_s']:.0f} s; RBGM kernel speed-up: {r['rbgm_kernel_speedup']}; "
+                      f"memory: {r['memory']}"]
+        elif step == "quick":
+            lines.append(f"quick preset: see quick/README.md ({r.get('total_seconds', '?')} s)")
+        elif step == "precision":
+            lines.append(f"robust accuracy fp32 {r['fp32']['robust_accuracy']:.2f} vs bf16 {r['bf16']['robust_accuracy']:.2f} "
+                         f"({r['robust_difference_points']:+.2f} points, {r['images_deciding_differently']} images differ)")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def runbook(args):
-    raise UserError("--runbook is not wired yet")
+    """Whenever a GPU is lent, this runs first: the tests, the full bench, the quick preset at GPU size and
+    the precision check, each step's results merged into OUT/runbook.json and OUT/runbook.md. Steps can be
+    run one per command (`--runbook-steps bench`): the device tool allows 10 minutes a command; a step
+    that was interrupted is continued by running it again."""
+    out = args.runbook_out
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "runbook.json")
+    report = read_json(path, "runbook report") if os.path.exists(path) else {}
+    report["machine"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
+    steps = {"tests": runbook_tests, "bench": runbook_bench, "quick": runbook_quick, "precision": runbook_precision}
+    for step in args.runbook_steps:
+        print(f"\n=== runbook: {step}", flush=True)
+        t0 = time.time()
+        try:
+            report[step] = steps[step](args, out)
+        except (Exception, SystemExit) as e:  # a failed step is reported, the next ones still run
+            report[step] = {"error": f"{type(e).__name__}: {e}"}
+        report[step]["seconds"] = time.time() - t0
+        write_json(path, report)
+        write_text(os.path.join(out, "runbook.md"), runbook_markdown(report))
+    print(runbook_markdown(report))
+    return report
 
 
 # ---------------------------------------------------------------- main

@@ -249,7 +249,8 @@ def cgpo(family, model, classifier, x0, y, t, lam, args, g_rng, amp):
     rbgm: delta ~ N(0, I); g accumulates d loss / d delta over the iterations, delta = RBGM(g).
     linf: delta = 0, then PGD steps of size linf_step inside the linf_eps ball (image space).
     Gradients are taken with respect to delta only: no parameter gradients are computed.
-    Returns the final delta and the guidance loss of the first iteration."""
+    Returns the final delta, the guidance loss of the first iteration and g, the gradients summed over
+    the iterations (for rbgm delta = RBGM(g): appendix D looks at g's ranks)."""
     a, s = family.scales(t)
     if args.perturb == "rbgm":
         delta = torch.randn(x0.shape, generator=g_rng, device=x0.device)
@@ -266,14 +267,14 @@ def cgpo(family, model, classifier, x0, y, t, lam, args, g_rng, amp):
             loss = guidance_loss(x0_hat, eps_hat, eps, y, classifier, args.guidance)
         grad, = torch.autograd.grad(loss, [d])
         first_loss = loss.detach() if first_loss is None else first_loss
+        g = g + grad
         if args.perturb == "rbgm":
-            g = g + grad
             delta = rbgm(g, generator=g_rng)
         else:  # model units are 2x image units; x0 + delta stays a valid image
             eps_, step_ = 2 * args.linf_eps, 2 * args.linf_step
             delta = (delta + step_ * grad.sign()).clamp(-eps_, eps_)
             delta = (x0 + delta).clamp(-1, 1) - x0
-    return delta.detach(), first_loss
+    return delta.detach(), first_loss, g
 
 
 class EMA:
@@ -320,7 +321,7 @@ def train_step(model, net, family, classifier, ema, opt, batches, args, g_rng, a
         if args.perturb == "none":
             delta, before = torch.zeros_like(x0), None
         else:
-            delta, before = cgpo(family, net, classifier, x0, y, t, lam, args, g_rng, amp)
+            delta, before, _ = cgpo(family, net, classifier, x0, y, t, lam, args, g_rng, amp)
         eps = torch.randn(x0.shape, generator=g_rng, device=x0.device)
         eps_mix = mix_noise(eps, delta, lam, args.perturb)
         x_t = noisy(x0, eps_mix, a, s)

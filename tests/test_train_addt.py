@@ -142,7 +142,7 @@ def test_cgpo_takes_no_parameter_gradients(inputs, batch, perturb, guidance):
     ab = linear_alpha_bar()[t]
     args = cgpo_args(inputs, "--perturb", perturb, "--guidance", guidance, "--cgpo-iters", "3")
     lam = lambda_t(ab, args.lambda_unit, args.lambda_min, args.lambda_max)
-    delta, first = cgpo(DDPM("cpu"), unet, classifier, x0, y, t, lam, args, torch.Generator().manual_seed(0),
+    delta, first, _ = cgpo(DDPM("cpu"), unet, classifier, x0, y, t, lam, args, torch.Generator().manual_seed(0),
                         contextlib.nullcontext)
     assert all(p.grad is None for p in params)
     assert all(torch.equal(p, b) for p, b in zip(params, before)) and unet.training
@@ -169,7 +169,7 @@ def test_cgpo_raises_the_classifier_loss(inputs, batch, perturb):
     ab = linear_alpha_bar()[t]
     args = cgpo_args(inputs, "--perturb", perturb)
     lam = lambda_t(ab, args.lambda_unit, args.lambda_min, args.lambda_max)
-    delta, _ = cgpo(DDPM("cpu"), unet, classifier, x0, y, t, lam, args, torch.Generator().manual_seed(0),
+    delta, _, _ = cgpo(DDPM("cpu"), unet, classifier, x0, y, t, lam, args, torch.Generator().manual_seed(0),
                     contextlib.nullcontext)
     # cgpo's first draw from its generator is the starting delta
     start = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)) if perturb == "rbgm" else 0 * x0

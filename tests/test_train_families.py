@@ -51,7 +51,7 @@ def test_one_step_equals_the_formulas(family, monkeypatch):
     torch.manual_seed(0)
     x0, y = torch.rand(4, 3, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 3])
     delta = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(7))
-    monkeypatch.setattr(train_addt, "cgpo", lambda *a: (delta, torch.tensor(1.0)))
+    monkeypatch.setattr(train_addt, "cgpo", lambda *a: (delta, torch.tensor(1.0), None))
     args = train_addt.parse_args(["--model", family, f"--{family}", "x", "--classifier", "x", "--cgpo-iters", "1"])
     net = Recorder()
     fam = train_addt.FAMILIES[family]("cpu")
@@ -100,7 +100,7 @@ def test_cgpo_raises_the_classifier_loss(family, inputs):
     a, s = fam.scales(t)
     args = train_addt.parse_args(["--model", family, f"--{family}", "x", "--classifier", "x"])
     lam = train_addt.lambda_t(a, s, args.lambda_unit, args.lambda_min, args.lambda_max)
-    delta, _ = train_addt.cgpo(fam, net, classifier, x0, y, t, lam, args, torch.Generator().manual_seed(0),
+    delta, _, _ = train_addt.cgpo(fam, net, classifier, x0, y, t, lam, args, torch.Generator().manual_seed(0),
                                contextlib.nullcontext)
     start = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
 
