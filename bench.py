@@ -79,13 +79,13 @@ def parse_args(argv=None):
                    help="data for the quick preset and the precision check")
     p.add_argument("--step-timeout", type=int, default=3600, help="seconds a runbook step may take")
     args = p.parse_args(argv)
+    args.only = [s for s in args.only.split(",") if s]
     args.runbook_steps = [s for s in args.runbook_steps.split(",") if s]
     if args.runbook:
         require(set(args.runbook_steps) <= set(RUNBOOK_STEPS), f"--runbook-steps: choose from {RUNBOOK_STEPS}")
         check_device(args.device)
         check_out_dir(args.runbook_out)
         return args
-    args.only = [s for s in args.only.split(",") if s]
     if not set(args.only) <= set(SECTIONS):
         raise UserError(f"--only: unknown section(s) {sorted(set(args.only) - set(SECTIONS))}; choose from {SECTIONS}")
     check_positive(args, "repeats")
@@ -417,14 +417,15 @@ def runbook_tests(args, out):
 
 
 def runbook_bench(args, out):
-    res = main(["--out", os.path.join(out, "bench.json"), "--overwrite", *(["--small"] if args.small else []),
-                *(["--device", args.device] if args.device else [])])
+    res = main(["--out", os.path.join(out, "bench.json"), "--overwrite", "--only", ",".join(args.only),
+                *(["--small"] if args.small else []), *(["--device", args.device] if args.device else [])])
     a = {f: res[f] for f in ("attack", "vpsde", "edm") if f in res}
     return {"device": res["device"],
             "attack": {f: {"speedup": r["speedup"], "ours 1024-img PGD20 s": r["rows"][1]["1024-img PGD20 s"],
                            "official 1024-img PGD20 s": r["rows"][0]["1024-img PGD20 s"]} for f, r in a.items()},
-            "addt_epoch_s": res["addt"]["epoch s"], "rbgm_kernel_speedup": [r.get("kernel speedup") for r in res["rbgm"]],
-            "step": res["ddpm_step"]["rows"], "memory": res["memory"]}
+            "addt_epoch_s": res.get("addt", {}).get("epoch s"),
+            "rbgm_kernel_speedup": [r.get("kernel speedup") for r in res.get("rbgm", [])],
+            "step": res.get("ddpm_step", {}).get("rows"), "memory": res.get("memory")}
 
 
 def runbook_quick(args, out):
@@ -482,9 +483,9 @@ def runbook_markdown(report):
                      "1024-img PGD20 (ours)": format_seconds(v["ours 1024-img PGD20 s"]),
                      "1024-img PGD20 (official-style)": format_seconds(v["official 1024-img PGD20 s"])}
                     for f, v in r["attack"].items()]
-            lines += [markdown_table(rows, list(rows[0])), "",
-                      f"ADDT epoch: {r['addt_epoch_s']:.0f} s; RBGM kernel speed-up: {r['rbgm_kernel_speedup']}; "
-                      f"memory: {r['memory']}"]
+            lines += [markdown_table(rows, list(rows[0])), ""] if rows else []
+            lines.append(f"ADDT epoch: {r['addt_epoch_s']} s; RBGM kernel speed-up: {r['rbgm_kernel_speedup']}; "
+                         f"fused step: {r['step']}; memory: {r['memory']}")
         elif step == "quick":
             lines.append(f"quick preset: see quick/README.md ({r.get('total_seconds', '?')} s)")
         elif step == "precision":

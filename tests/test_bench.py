@@ -31,3 +31,20 @@ def test_small_bench_writes_every_section(tmp_path, capsys):
         assert numbers(res["memory"]) and all(v > 0 for v in numbers(res["memory"]))
     printed = capsys.readouterr().out
     assert all(f"## {i}." in printed for i in range(1, 7))
+
+
+def test_runbook_writes_one_report(smoke_inputs, tmp_path):
+    """The GPU runbook's report on the CPU at the small size: the bench step (one section) and the bf16 vs
+    fp32 precision check (on the smoke models when the quick preset has not run), merged into one JSON
+    and one markdown file; a second call adds to the same report."""
+    out = tmp_path / "runbook"
+    common = ["--runbook", "--small", "--runbook-out", str(out), "--runbook-data", smoke_inputs["data"]]
+    bench.main(common + ["--runbook-steps", "bench", "--only", "rbgm"])
+    report = bench.main(common + ["--runbook-steps", "precision"])
+    saved = json.loads((out / "runbook.json").read_text())
+    assert set(saved) >= {"bench", "precision", "machine"} and "error" not in saved["bench"], saved
+    p = report["precision"]
+    assert "error" not in p and p["robust_difference_points"] == p["bf16"]["robust_accuracy"] - p["fp32"]["robust_accuracy"]
+    assert 0 <= p["images_deciding_differently"] <= 4
+    md = (out / "runbook.md").read_text()
+    assert "## bench" in md and "## precision" in md and "robust accuracy fp32" in md
