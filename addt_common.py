@@ -88,6 +88,16 @@ def require(ok, message):
         raise UserError(message)
 
 
+def parse_ints(text, flag):
+    """'5,10,20' -> [5, 10, 20] (positive integers), for list-valued flags."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, not {text!r}") from None
+    require(values and all(v >= 1 for v in values), f"{flag} takes positive integers, not {text!r}")
+    return values
+
+
 def check_positive(args, *names, allow_none=True):
     """Each --name must be a positive int/float (None allowed: a default fills it later)."""
     for n in names:

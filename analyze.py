@@ -35,8 +35,8 @@ import train_addt
 from addt_attacks import (ATTACK, EVAL, SETTINGS, Defense, NonFiniteError, pgd_eot, summarize_records,
                           wilson_interval)
 from addt_common import (Dist, Progress, UserError, autocast, check_out_dir, check_positive, keyed_normal,
-                         lock_out, prepare_model, read_json, read_jsonl, refuse_overwrite, require, resolve_precision,
-                         run_main, sample_seed, unlock_out, write_json)
+                         lock_out, parse_ints, prepare_model, read_json, read_jsonl, refuse_overwrite, require,
+                         resolve_precision, run_main, sample_seed, unlock_out, write_json)
 from addt_data import shard, to_float
 from addt_diffusion import (FAMILY_FLAGS, add_purification_args, build_purifier, check_purification_args,
                             load_diffusion_model, load_inputs)
@@ -223,15 +223,6 @@ def check_args(args):
         args.dropout = train_addt.DROPOUT_DEFAULTS[FAMILY_FLAGS[args.defense]] if args.dropout is None else args.dropout
         require(0 <= args.dropout < 1, f"--dropout must lie in [0, 1), not {args.dropout}")
     return args
-
-
-def parse_ints(text, flag):
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated integers, not {text!r}") from None
-    require(values and all(v >= 1 for v in values), f"{flag} takes positive integers, not {text!r}")
-    return values
 
 
 def parse_label(text):

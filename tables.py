@@ -43,7 +43,7 @@ import threading
 import time
 
 from addt_attacks import wilson_interval
-from addt_common import (UserError, check_out_dir, format_seconds, lock_out, read_json, require, run_main,
+from addt_common import (UserError, check_out_dir, format_seconds, lock_out, parse_ints, read_json, require, run_main,
                          unlock_out, write_json, write_text)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -143,15 +143,6 @@ def check_args(args):
         raise UserError(f"--extra-args: {e}") from None
     require(not (args.dry_run and args.report_only), "--dry-run and --report-only exclude each other")
     return args
-
-
-def parse_ints(text, flag):
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated integers, not {text!r}") from None
-    require(values and all(v >= 1 for v in values), f"{flag} takes positive integers, not {text!r}")
-    return values
 
 
 def short(name):
