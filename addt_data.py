@@ -239,7 +239,7 @@ def _tinyimagenet(tree, p, split):
         for w, _, f in sorted(n.split("/")[-3:] for n in tree.walk(p + "train") if n.split("/")[-2] == "images"):
             if w in index and f.lower().endswith(IMAGE_EXTS):
                 per_class[index[w]].append(f)
-        order = _interleave(per_class)
+        order = interleave(per_class)
         names = [f"{p}train/{classes[y]}/images/{f}" for y, f in order]
         labels = [y for y, _ in order]
     elif tree.isfile(p + "val/val_annotations.txt"):  # the labelled val split, in its listed order
@@ -253,7 +253,7 @@ def _tinyimagenet(tree, p, split):
     return ImageSet(_decode(tree, names), torch.tensor(labels), classes)
 
 
-def _interleave(per_class):
+def interleave(per_class):
     """[(label, file)] from per_class[label] = sorted files: the k-th file of every class in turn,
     skipping classes that have run out, so any prefix is as class-balanced as the counts allow."""
     return [(y, files[k]) for k in range(max(map(len, per_class), default=0))
@@ -270,7 +270,7 @@ def _folder(tree, p, split):
     if not by_class:
         return None
     classes = list(by_class)  # sorted by name, as the files were
-    order = _interleave(list(by_class.values()))
+    order = interleave(list(by_class.values()))
     images = _decode(tree, [f"{p}{split}/{classes[y]}/{f}" for y, f in order])
     return ImageSet(images, torch.tensor([y for y, _ in order]), classes)
 

@@ -78,9 +78,19 @@ def parse_args(argv=None):
     p.add_argument("--runbook-data", default=os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg"),
                    help="data for the quick preset and the precision check")
     p.add_argument("--step-timeout", type=int, default=3600, help="seconds a runbook step may take")
+    p.add_argument("--pack-data", nargs=2, metavar=("SRC", "DEST"), default=None,
+                   help="copy an image-folder data set (test.zip + the first --pack-train images of train.zip) to "
+                        "DEST, small enough to travel to a lent GPU; then --runbook-data DEST")
+    p.add_argument("--pack-train", type=int, default=25000)
     args = p.parse_args(argv)
     args.only = [s for s in args.only.split(",") if s]
     args.runbook_steps = [s for s in args.runbook_steps.split(",") if s]
+    if args.pack_data:
+        check_positive(args, "pack_train")
+        require(all(os.path.isfile(os.path.join(args.pack_data[0], f"{s}.zip")) for s in ("train", "test")),
+                f"--pack-data: {args.pack_data[0]} holds no train.zip and test.zip")
+        check_out_dir(args.pack_data[1])
+        return args
     if args.runbook:
         require(set(args.runbook_steps) <= set(RUNBOOK_STEPS), f"--runbook-steps: choose from {RUNBOOK_STEPS}")
         check_device(args.device)
@@ -495,6 +505,30 @@ def runbook_markdown(report):
     return "\n".join(lines)
 
 
+def pack_data(src, dest, train_images):
+    """A copy of an image-folder data set small enough to travel with the repository to a lent GPU
+    (64 MiB in all): test.zip whole, the first `train_images` of train.zip in the class-interleaved order
+    (members copied as they are, no re-encoding)."""
+    import zipfile
+    from addt_data import interleave
+    os.makedirs(dest, exist_ok=True)
+    for split, keep in (("test", None), ("train", train_images)):
+        with zipfile.ZipFile(os.path.join(src, f"{split}.zip")) as z:
+            names = sorted(n for n in z.namelist() if not n.endswith("/"))
+            if keep:  # <split>/<class>/<file>: the loader's class-interleaved order, cut
+                by_class = {}
+                for n in names:
+                    by_class.setdefault(n.rsplit("/", 2)[-2], []).append(n)
+                names = [n for _, n in interleave([by_class[c] for c in sorted(by_class)])][:keep]
+            with zipfile.ZipFile(os.path.join(dest, f"{split}.zip.tmp"), "w") as out:
+                for n in names:
+                    out.writestr(z.getinfo(n), z.read(n))
+        os.replace(os.path.join(dest, f"{split}.zip.tmp"), os.path.join(dest, f"{split}.zip"))
+    sizes = {f: os.path.getsize(os.path.join(dest, f)) / 2 ** 20 for f in ("train.zip", "test.zip")}
+    print(f"packed {src} -> {dest}: " + ", ".join(f"{f} {mb:.1f} MiB" for f, mb in sizes.items()))
+    return sizes
+
+
 def runbook(args):
     """Whenever a GPU is lent, this runs first: the tests, the full bench, the quick preset at GPU size and
     the precision check, each step's results merged into OUT/runbook.json and OUT/runbook.md. Steps can be
@@ -532,6 +566,8 @@ def table(title, rows):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.pack_data:
+        return pack_data(*args.pack_data, args.pack_train)
     if args.runbook:
         return runbook(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
