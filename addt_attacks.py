@@ -261,7 +261,7 @@ class Defense:
         n = len(idx)
         pipes = [(i, step, d) for d in range(eot) for i in idx]
         logits, loss, grads = self.run(x.repeat(eot, 1, 1, 1), y.repeat(eot), pipes, ATTACK, True, loss_fn, eot)
-        check_finite(logits, idx * eot, f"attack step {step}")
+        check_finite(logits, idx * eot, f"logits at the attack step {step}")
         g = grads[:n]
         for d in range(1, eot):
             g = g + grads[d * n:(d + 1) * n]
@@ -273,7 +273,7 @@ class Defense:
         y = torch.zeros(len(idx) * draws, dtype=torch.long, device=x.device)
         pipes = [(i, step, d) for d in range(draws) for i in idx]
         logits, _, _ = self.run(x.repeat(draws, 1, 1, 1), y, pipes, stage)
-        check_finite(logits, idx * draws, STAGE_NAMES.get(stage, f"stage {stage}"))
+        check_finite(logits, idx * draws, f"logits at the {STAGE_NAMES.get(stage, f'stage {stage}')}")
         return logits.view(draws, n, -1)
 
     def classifier_predict(self, x, idx):
@@ -283,12 +283,13 @@ class Defense:
         return bare.predict(x, idx, CLEAN)[0].argmax(-1)
 
 
-def check_finite(logits, idx, stage):
-    """Refuse NaN/inf logits (argmax of NaN is class 0: it would count as correct for class 0)."""
-    bad = ~torch.isfinite(logits).all(dim=-1)
+def check_finite(values, idx, what):
+    """Refuse NaN/inf logits (argmax of NaN is class 0: it would count as correct for class 0) or
+    purified images; values: (P, ...) with idx[p] the image of row p; what: e.g. 'logits at the attack'."""
+    bad = ~torch.isfinite(values.flatten(1)).all(dim=1)
     if bad.any():
         images = sorted({idx[k] for k in bad.nonzero().flatten().tolist()})
-        raise NonFiniteError(f"non-finite logits at the {stage} for image(s) {images[:10]}"
+        raise NonFiniteError(f"non-finite {what} for image(s) {images[:10]}"
                              f"{' ...' if len(images) > 10 else ''}: NaN or inf in the weights, the inputs "
                              "or the settings (e.g. --eps, --eta); no accuracy is reported")
 

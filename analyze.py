@@ -35,7 +35,7 @@ import train_addt
 from addt_attacks import (ATTACK, EVAL, SETTINGS, Defense, NonFiniteError, pgd_eot, summarize_records,
                           wilson_interval)
 from addt_common import (Dist, Progress, UserError, autocast, check_out_dir, check_positive, keyed_normal,
-                         lock_out, parse_ints, prepare_model, read_json, read_jsonl, refuse_overwrite, require,
+                         lock_out, parse_ints, prepare_model, read_json, refuse_overwrite, require,
                          resolve_precision, run_main, sample_seed, unlock_out, write_json)
 from addt_data import shard, to_float
 from addt_diffusion import (FAMILY_FLAGS, add_purification_args, build_purifier, check_purification_args,
@@ -553,9 +553,7 @@ def run_trajectories(folder, idx, device):
     for path in sorted(glob.glob(os.path.join(glob.escape(folder), "trajectory-deltas-*.pt"))):
         t = torch.load(path, map_location="cpu", weights_only=True)
         found.update({int(i): d for i, d in zip(t["index"], t["deltas"])})
-    records = {}
-    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "records-*.jsonl"))):
-        records.update({r["index"]: r for r in read_jsonl(path)})
+    records = attack.read_records(folder)
     missing = [i for i in idx if i not in found or i not in records or "trajectory" not in records[i]]
     require(not missing, f"{folder}: no saved trajectory for image(s) {missing[:5]} (run attack.py with "
                          f"--log-trajectory --trajectory-deltas {max(idx) + 1} and the same --n)")

@@ -159,6 +159,13 @@ def read_records(out):
     return records
 
 
+def changed_flags(args, before):
+    """The flags that decide the records and differ between args and an earlier run's `before` (its
+    args.json or summary's args), sorted."""
+    now = json.loads(json.dumps(vars(args), default=str))
+    return sorted(k for k, v in now.items() if k not in RUN_ONLY_FLAGS and before.get(k, v) != v)
+
+
 def check_same_attack(args):
     """--resume must continue the same attack: records made under other flags would be mixed in."""
     path = os.path.join(args.out, "args.json")
@@ -167,8 +174,7 @@ def check_same_attack(args):
     except UserError:
         before = None  # cut: the records' fingerprints decide below
     if before is not None:
-        now = json.loads(json.dumps(vars(args), default=str))
-        changed = sorted(k for k, v in now.items() if k not in RUN_ONLY_FLAGS and before.get(k, v) != v)
+        changed = changed_flags(args, before)
         require(not changed, f"--resume with other settings than the records in {args.out} were made with "
                              f"({', '.join('--' + k.replace('_', '-') for k in changed)}); use those settings or another --out")
     runs = {r.get("run") for r in read_records(args.out).values()}

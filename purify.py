@@ -24,7 +24,7 @@ from PIL import Image
 from addt_common import (Dist, Progress, UserError, autocast, check_out_dir, check_positive, lock_out,
                          markdown_table, refuse_overwrite, resolve_precision, run_main, sample_seed, unlock_out,
                          write_json)
-from addt_attacks import wilson_interval
+from addt_attacks import NonFiniteError, check_finite, wilson_interval
 from addt_data import shard, to_float
 from addt_diffusion import KeyedNoise, add_purification_args, build_purifier, check_purification_args, load_inputs
 
@@ -52,14 +52,6 @@ def image_noise(args, idx, device):
     return KeyedNoise(torch.tensor([sample_seed(args.seed, i) for i in idx], device=device))
 
 
-def check_finite(t, lo, what):
-    bad = ~torch.isfinite(t.flatten(1)).all(1)
-    if bad.any():
-        images = (bad.nonzero().flatten() + lo).tolist()
-        raise UserError(f"non-finite {what} for image(s) {images[:10]}: NaN or inf in the weights, the inputs or "
-                        "the settings; no accuracy is reported")
-
-
 def save_grid(path, rows):
     """rows: list of (n, 3, H, W) tensors in [0, 1] -> one PNG, a row each."""
     grid = torch.cat([torch.cat(list(r.clamp(0, 1).cpu()), dim=2) for r in rows], dim=1)
@@ -85,8 +77,11 @@ def main(argv=None):
             y = labels[lo:idx.stop].to(d.device)
             x_pur = purifier(x, image_noise(args, idx, d.device)).float()
             logits = torch.stack([classifier(x).float(), classifier(x_pur).float()])
-            check_finite(x_pur, lo, "purified images")
-            check_finite(logits.transpose(0, 1).flatten(1), lo, "logits")
+            try:
+                check_finite(x_pur, list(idx), "purified images")
+                check_finite(logits.transpose(0, 1), list(idx), "logits")
+            except NonFiniteError as e:
+                raise UserError(str(e)) from None
             correct += (logits.argmax(-1) == y).sum(1)
             progress.update(len(idx))
     d.all_sum(correct)

@@ -30,7 +30,6 @@ interrupted one is continued with the script's own --resume. A second call with 
 to mix them into the same --out.
 """
 import argparse
-import glob
 import json
 import math
 import os
@@ -261,9 +260,8 @@ def check_plan(args, size):
 def read_records(folder):
     """{index: correct} of the final evaluation, from attack.py's records (None when unreadable)."""
     try:
-        rows = [json.loads(line) for p in sorted(glob.glob(os.path.join(folder, "records-*.jsonl")))
-                for line in open(p) if line.strip()]
-        return {r["index"]: float(r["robust"]) if "robust" in r else float(r["pred"] == r["label"]) for r in rows}
+        return {i: float(r["robust"]) if "robust" in r else float(r["pred"] == r["label"])
+                for i, r in attack.read_records(folder).items()}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -449,14 +449,6 @@ def resolve(name, argv):
         raise UserError(f"cell {name}: attack.py refuses its flags: {e}") from None
 
 
-def same_flags(resolved, summary_args):
-    """Flags that decide the records and differ between this plan and a finished cell."""
-    import attack
-    now = json.loads(json.dumps(vars(resolved), default=str))
-    return sorted(k for k, v in now.items() if k not in attack.RUN_ONLY_FLAGS and k in summary_args
-                  and summary_args[k] != v)
-
-
 def cell_status(args, name):
     out = os.path.join(args.out, name)
     if os.path.isfile(os.path.join(out, "summary.json")):
@@ -665,6 +657,7 @@ def write_report(args, plan, quiet=False):
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
+    import attack  # its flag checks decide every cell
     args = parse_args(argv)
     plan = make_plan(args)
     args.plan = plan
@@ -677,7 +670,7 @@ def main(argv=None):
     for name in plan.cells:  # a finished cell must have been run with the flags it would get now
         if status[name] == "done":
             s = read_json(os.path.join(args.out, name, "summary.json"), "summary")
-            changed = same_flags(resolved[name], s.get("args", {}))
+            changed = attack.changed_flags(resolved[name], s.get("args", {}))
             require(not changed, f"cell {name} in {args.out} was run with other settings "
                                  f"({', '.join('--' + k.replace('_', '-') for k in changed)}); remove "
                                  f"{os.path.join(args.out, name)} to redo it, or use another --out")
