@@ -5,17 +5,30 @@ saved), precision and a progress line with ETA."""
 import errno
 import fcntl
 import glob
+import importlib
 import json
 import math
 import os
 import shutil
 import sys
 import time
+import types
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+def load_kernel(name):
+    """kernels/NAME.py, imported as `addt_kernels.NAME`. The folder shares its name with the PyPI package
+    `kernels` (which transformers 5 imports), so it has no __init__.py and is never imported as `kernels`:
+    whichever `kernels` a user has installed stays the one other libraries get, in the same process too."""
+    if "addt_kernels" not in sys.modules:
+        package = types.ModuleType("addt_kernels")
+        package.__path__ = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")]
+        sys.modules["addt_kernels"] = package
+    return importlib.import_module(f"addt_kernels.{name}")
 
 
 class UserError(Exception):

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from addt_common import UserError, keyed_normal, prepare_model
+from addt_common import UserError, keyed_normal, load_kernel, prepare_model
 from addt_data import load_split
-from kernels.ddpm_step import reverse_step
 from models import load_classifier
+
+reverse_step = load_kernel("ddpm_step").reverse_step
 
 T = 1000  # training timesteps
 DEFAULT_NFE = {"ddpm": 100, "ddim": 10}  # SPEC.md: DP_DDPM n = 1000, DP_DDIM n = 100 (tables 3, 5)

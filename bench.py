@@ -29,16 +29,17 @@ from torch.utils.flop_counter import FlopCounterMode
 import attack
 import train_addt
 from addt_attacks import EVAL, Defense, evaluate
-from addt_common import (UserError, autocast, check_device, check_out_dir, check_positive, format_seconds,
+from addt_common import (UserError, autocast, load_kernel, check_device, check_out_dir, check_positive, format_seconds,
                          markdown_table, prepare_model, read_json, refuse_overwrite, require, resolve_precision,
                          run_main, write_json, write_text)
 from addt_diffusion import (ddpm_purifier, edm_purifier, fresh_noise, linear_alpha_bar, make_schedule,
                             new_diffusion_model, vpsde_purifier)
-from kernels import rbgm as rbgm_module
-from kernels.ddpm_step import reverse_step, step_reference
-from kernels.rbgm import rbgm, rbgm_reference, sorted_normal_rows
 from models import build_classifier
 from models.unet import DDPM_CIFAR10_CONFIG, UNet
+
+rbgm_module, step_module = load_kernel("rbgm"), load_kernel("ddpm_step")
+rbgm, rbgm_reference, sorted_normal_rows = rbgm_module.rbgm, rbgm_module.rbgm_reference, rbgm_module.sorted_normal_rows
+reverse_step, step_reference = step_module.reverse_step, step_module.step_reference
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PAPER = dict(images=1024, pgd_steps=20, evaluations=2)  # PGD20-EoT10 on 1024 images, clean + final evaluation

@@ -42,13 +42,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from addt_common import (Dist, Progress, UserError, append_jsonl, atomic_save, autocast, check_device,
                          check_finite_weights, check_out_dir, check_positive, check_range, load_checkpoint,
-                         lock_out, prepare_model, read_json, read_jsonl, refuse_overwrite, require,
+                         load_kernel, lock_out, prepare_model, read_json, read_jsonl, refuse_overwrite, require,
                          resolve_precision, run_main, sample_seed, unlock_out, write_json)
 from addt_data import epoch_indices, load_split, random_crop_flip, to_float
 from addt_diffusion import T, linear_alpha_bar, load_diffusion_model
-from kernels.rbgm import rbgm
 from models import load_classifier
 
+rbgm = load_kernel("rbgm").rbgm
 LAMBDA_DEFAULTS = {"rbgm": (0.03, 0.0, 0.3), "linf": (1.0, 0.0, 10.0), "none": (0.0, 0.0, 0.0)}
 DROPOUT_DEFAULTS = {"ddpm": 0.1, "vpsde": 0.1, "edm": 0.13}  # SPEC.md; EDM's train.py --dropout
 

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from kernels import ddpm_step
-from kernels.ddpm_step import reverse_step, step_reference
+from addt_common import load_kernel
+
+ddpm_step = load_kernel("ddpm_step")
+reverse_step, step_reference = ddpm_step.reverse_step, ddpm_step.step_reference
 
 needs_triton = pytest.mark.skipif(ddpm_step.triton is None, reason="triton not installed")
 TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}

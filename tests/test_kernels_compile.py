@@ -76,9 +76,9 @@ def compile_all():
     from triton.compiler import ASTSource
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from kernels.ddpm_step import _step_bwd_kernel, _step_fwd_kernel
-    from kernels.rbgm import _rbgm_kernel
-    kernels = {"rbgm": _rbgm_kernel, "step_fwd": _step_fwd_kernel, "step_bwd": _step_bwd_kernel}
+    from addt_common import load_kernel
+    step, rbgm = load_kernel("ddpm_step"), load_kernel("rbgm")
+    kernels = {"rbgm": rbgm._rbgm_kernel, "step_fwd": step._step_fwd_kernel, "step_bwd": step._step_bwd_kernel}
     cuobjdump = knobs.nvidia.cuobjdump.path
 
     def one(cfg):

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from kernels import rbgm as rbgm_mod
-from kernels.rbgm import rbgm, rbgm_reference, sorted_normal_rows
+from addt_common import load_kernel
+
+rbgm_mod = load_kernel("rbgm")
+rbgm, rbgm_reference, sorted_normal_rows = rbgm_mod.rbgm, rbgm_mod.rbgm_reference, rbgm_mod.sorted_normal_rows
 
 needs_triton = pytest.mark.skipif(rbgm_mod.triton is None, reason="triton not installed")
 
