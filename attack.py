@@ -38,6 +38,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -91,9 +92,10 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=["smoke"], default=None)
     args = p.parse_args(argv)
     if args.preset:
-        given = {k for k, v in vars(args).items() if v != p.get_default(k)} - {"preset", "out", "device"}
-        require(not given, f"--preset smoke sets every flag itself; it takes only --out and --device (given: "
-                           f"{', '.join('--' + k.replace('_', '-') for k in sorted(given))})")
+        given = {k for k, v in vars(args).items() if v != p.get_default(k)} - {"preset", "out", "device", "resume"}
+        require(not given, f"--preset smoke sets every flag itself; it takes only --out, --device and --resume "
+                           f"(given: {', '.join('--' + k.replace('_', '-') for k in sorted(given))})")
+        args.out = SMOKE_OUT if args.out == p.get_default("out") else args.out
         check_out_dir(args.out)
         return args
     return check_args(args)
@@ -403,16 +405,36 @@ def make_smoke_inputs(root, n_per_class=20, train_steps=60, seed=0):
     return paths
 
 
+SMOKE_OUT = "runs/smoke"
+
+
+def fresh_smoke_folder(out, resume):
+    """Each smoke run re-checks the install from scratch: the smoke results of an earlier run in OUT (the
+    models, the data and every attack: all named smoke-*) are removed, unless --resume continues them. A
+    folder holding anything else is refused, so no other run's results are touched."""
+    lock_out(out)
+    names = sorted(set(os.listdir(out)) - {".lock"})
+    others = [n for n in names if not n.startswith("smoke-")]
+    require(not others, f"--out {out} holds files the smoke preset did not write ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}): use another --out")
+    if names and not resume:
+        print(f"note: replacing the earlier smoke results in {out} (--resume continues them instead)", flush=True)
+        for n in names:
+            shutil.rmtree(os.path.join(out, n))
+
+
 def smoke(args):
     """Every family and every setting end to end on the tiny models (and both norms, the bare classifier
     and the fixed AutoAttack on DP_DDPM), a few seconds each."""
+    t0 = time.time()
+    fresh_smoke_folder(args.out, args.resume)
     inputs = make_smoke_inputs(os.path.join(args.out, "smoke-inputs"))
     family_flags = {"ddpm": ["--nfe", "5"], "vpsde": ["--nfe", "5"], "edm": ["--edm-steps", "3"]}
     runs = ([("none", "white-box", "linf", [])] + [("ddpm", "white-box", "l2", [])]
             + [(f, s, "linf", []) for f in ("ddpm", "vpsde", "edm") for s in SETTINGS]
             + [("ddpm", "white-box", "linf", ["--attack", "autoattack-rand-fixed", "--steps", "2", "--eot", "2",
                                               "--aa-draws", "3"])])
-    rows, t0 = [], time.time()
+    rows = []
     for defense, setting, norm, extra in runs:
         name = "-".join([defense, setting, norm] + ([extra[1]] if extra else []))
         out = os.path.join(args.out, f"smoke-{name}")
@@ -429,6 +451,7 @@ def smoke(args):
     print("\nsmoke test (tiny untrained diffusion models, generated images; checks the install, not the paper):")
     print(markdown_table(rows, list(rows[0])))
     print(f"smoke preset finished in {time.time() - t0:.0f} s")
+    unlock_out(args.out)
     return rows
 
 

@@ -42,7 +42,7 @@ def shapes(entries):
 def test_dm_wide_resnet_fixture():
     path = os.path.join(SHARED, "robustbench_dm", "dm_wrn_16_2.pt")
     if not os.path.isfile(path):
-        pytest.skip(f"{path} is missing: the shared fixtures are not checked out beside the repository")
+        pytest.fail(f"{path} is missing: the shared fixtures must lie beside the repository (../shared)")
     out = torch.load(fixture("robustbench_dm", "dm_wrn_16_2_outputs.pt"), weights_only=True)
     classifier = load_classifier(path)
     assert isinstance(classifier.net, DMWideResNet)
@@ -147,7 +147,7 @@ def test_other_pickles_refused(tmp_path):
 
 def hf_vit(tmp_path, image_size, preprocessor=None):
     """A small random ViTForImageClassification saved as a Hub folder, and the transformers model."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
                                     image_size=image_size, patch_size=16, num_labels=10)
     torch.manual_seed(0)
@@ -207,7 +207,7 @@ def hub_name(key):
 
 
 def test_vit_b_16_names_match_transformers():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     with torch.device("meta"):
         hf = transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=10))
         ours = make_net("vit-b-16", 10)

@@ -303,7 +303,7 @@ def test_mixed_sizes_rejected(tmp_path):
 def cifar_jpeg_test():
     path = os.path.join(CIFAR_JPEG, "test.zip")
     if not os.path.isfile(path):
-        pytest.skip(f"{path} not present")
+        pytest.fail(f"{path} is missing: the shared data must lie beside the repository (../shared)")
     return path
 
 

@@ -29,7 +29,7 @@ TINY = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), imag
 def shared(name):
     path = os.path.join(SHARED, name)
     if not os.path.isfile(path):
-        pytest.skip(f"{path} is missing: the shared fixtures are not checked out beside the repository")
+        pytest.fail(f"{path} is missing: the shared fixtures must lie beside the repository (../shared)")
     return path
 
 
@@ -209,7 +209,7 @@ def test_batch_invariance():
 
 def test_euler_matches_torchsde():
     """Oracle: torchsde.sdeint(method='euler') on DiffPure's reverse SDE, driven by the same BrownianInterval."""
-    torchsde = pytest.importorskip("torchsde")
+    import torchsde
     model = tiny_model()
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(10))
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(11))
