@@ -254,27 +254,65 @@ def vpsde_step(model, y, z, coef):
     return y + (half_beta * y + g2 * score) * dt + g_sqrt_dt * z
 
 
+def langevin_alphas(labels, beta_min=0.1, beta_max=20.0):
+    """score_sde's alpha of the VP Langevin corrector at network labels 999 tau: alphas[floor(999 tau)] with
+    alphas = 1 - linspace(beta_min / T, beta_max / T, T) (its VPSDE.alphas, index (t (N - 1) / T).long())."""
+    return 1.0 - torch.linspace(beta_min / T, beta_max / T, T, dtype=torch.float32)[labels.long()]
+
+
+def langevin_step(model, y, z, coef, alpha, snr):
+    """One Langevin corrector step at the predictor's time (Song et al. 2021, app. G; score_sde's
+    LangevinCorrector as ADDT's step_correct runs it): step = 2 alpha (snr ||z|| / ||score||)^2,
+    y + step score + sqrt(2 step) z. The norms are THIS image's (as ADDT's step_correct): score_sde averages
+    them over the batch, which would make an image's purification depend on its batch neighbours."""
+    label, std = coef[0], coef[1]
+    score = -model(y, label.expand(y.shape[0])).to(y.dtype) / std
+    ratio = snr * z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1)
+    step = (ratio ** 2 * 2 * alpha).view(-1, *[1] * (y.dim() - 1))
+    return y + step * score + (step * 2).sqrt() * z
+
+
+CORRECTORS = [None, "langevin"]  # vpsde_purify's corrector: none (DiffPure) or the paper's extra Langevin corrector
+
+
 def vpsde_purify(model, x, noise=None, t_star=0.1, beta_min=0.1, beta_max=20.0, dt=1e-3, grad_checkpoint=False,
-                 trace=None):
+                 trace=None, corrector=None, snr=0.16, corrector_steps=1):
     """DiffPure (Nie et al. 2022, eqs. 2-4) with a score_sde VP model (models/ncsnpp.py), as its
     RevGuidedDiffusion runs it: an image in [0, 1] -> x_0 = 2x - 1, diffused to t = t* T with the DISCRETE
     alpha_bar[t - 1] of the betas linspace(beta_min, beta_max) / T (DiffPure's forward step; the continuous
     one would differ), then the reverse VP-SDE from forward time t* down to 1e-5 with torchsde's fixed-step
     Euler-Maruyama (`sdeint(method='euler', dt=dt)`, the grid of vpsde_times), and (x_0 + 1) / 2.
     NOT clamped: DiffPure feeds its classifier exactly this, which can leave [0, 1].
+    corrector="langevin" (the paper's "Extra Corrector", its appendix G) runs `corrector_steps` Langevin steps
+    (langevin_step, signal-to-noise ratio snr) before each Euler step, at that step's time, as score_sde's
+    PC sampler and ADDT's VP-SDE evaluation order them.
     noise: see the module docstring; draw 0 is the forward noise, draw 1 + k the standard normal z_k of
-    step k, whose Brownian increment is dW_k = sqrt(dt_k) z_k (to replay torchsde's, pass dW_k / sqrt(dt_k)).
+    step k, whose Brownian increment is dW_k = sqrt(dt_k) z_k (to replay torchsde's, pass dW_k / sqrt(dt_k));
+    the corrector's draws come after all of these: draw 1 + steps + k corrector_steps + j is the noise of
+    corrector step j before Euler step k.
     grad_checkpoint recomputes each network call in the backward pass. trace: an optional list that
-    receives the state after the forward diffusion and after every step (model space, [-1, 1] scale)."""
+    receives the state after the forward diffusion and after every (corrector and) Euler step (model space,
+    [-1, 1] scale)."""
+    if corrector not in CORRECTORS:
+        raise ValueError(f"corrector must be one of {CORRECTORS}, not {corrector!r}")
     noise = as_noise(noise)
     alpha_bar = linear_alpha_bar(T, beta_min / T, beta_max / T)[vpsde_t_index(t_star) - 1]
     y = diffuse(x, noise(0, x), float(alpha_bar))
-    coefs = vpsde_coefficients(vpsde_times(t_star, dt), beta_min, beta_max).to(x.device, x.dtype)  # once, no syncs
+    table = vpsde_coefficients(vpsde_times(t_star, dt), beta_min, beta_max)
+    coefs = table.to(x.device, x.dtype)  # once, no syncs
+    alphas = langevin_alphas(table[:, 0], beta_min, beta_max).to(x.device, x.dtype) if corrector else None
+    ckpt = grad_checkpoint and torch.is_grad_enabled()
     if trace is not None:
         trace.append(y.detach())
     for k, coef in enumerate(coefs):
+        for j in range(corrector_steps if corrector else 0):
+            z = noise(1 + len(coefs) + k * corrector_steps + j, y)
+            if ckpt:
+                y = checkpoint(langevin_step, model, y, z, coef, alphas[k], snr, use_reentrant=False)
+            else:
+                y = langevin_step(model, y, z, coef, alphas[k], snr)
         z = noise(1 + k, y)
-        if grad_checkpoint and torch.is_grad_enabled():
+        if ckpt:
             y = checkpoint(vpsde_step, model, y, z, coef, use_reentrant=False)
         else:
             y = vpsde_step(model, y, z, coef)
@@ -283,9 +321,15 @@ def vpsde_purify(model, x, noise=None, t_star=0.1, beta_min=0.1, beta_max=20.0, 
     return (y + 1) / 2
 
 
-def vpsde_purifier(model, t_star=0.1, beta_min=0.1, beta_max=20.0, dt=1e-3):
+def vpsde_purifier(model, t_star=0.1, beta_min=0.1, beta_max=20.0, dt=1e-3, corrector=None, snr=0.16,
+                   corrector_steps=1):
     """DiffPure's defence around a score_sde NCSN++ (models/ncsnpp.load_score_sde); the defaults are its
-    CIFAR-10 settings (--t 100, the Linf runs; its L2 runs use t* = 0.125)."""
+    CIFAR-10 settings (--t 100, the Linf runs; its L2 runs use t* = 0.125). corrector="langevin" adds the
+    paper's Extra Corrector (table 10; snr 0.16 and one step per Euler step, as score_sde and ADDT)."""
+    if corrector not in CORRECTORS:
+        raise ValueError(f"corrector must be one of {CORRECTORS}, not {corrector!r}")
+    if corrector and not (snr > 0 and math.isfinite(snr) and corrector_steps >= 1):
+        raise ValueError(f"the corrector needs snr > 0 and corrector_steps >= 1, not {snr} and {corrector_steps}")
     settings = dict(t_star=t_star, beta_min=beta_min, beta_max=beta_max, dt=dt)
     times = vpsde_times(t_star, dt)
     steps = len(times) - 1
@@ -293,6 +337,10 @@ def vpsde_purifier(model, t_star=0.1, beta_min=0.1, beta_max=20.0, dt=1e-3):
     info = {"family": "vpsde", "t_star": t, "beta_min": beta_min, "beta_max": beta_max, "dt": dt, "steps": steps,
             "alpha_bar_star": float(linear_alpha_bar(T, beta_min / T, beta_max / T)[t - 1]),
             "sde_times": [float(times[0]), float(times[-1])], "model_calls": steps, "noise_draws": 1 + steps}
+    if corrector:
+        settings.update(corrector=corrector, snr=snr, corrector_steps=corrector_steps)
+        info.update(corrector=corrector, snr=snr, corrector_steps=corrector_steps,
+                    model_calls=steps * (1 + corrector_steps), noise_draws=1 + steps * (1 + corrector_steps))
     return Purifier("vpsde", vpsde_purify, model, info, **settings)
 
 
@@ -499,7 +547,8 @@ def save_diffusion_model(family, model, folder, step=0):
 DEFENSES = ["ddpm", "ddim", "vpsde", "edm"]
 # flags that belong to some families only: --flag -> the defences it applies to
 FAMILY_ONLY = {"nfe": ("ddpm", "ddim", "vpsde"), "t_star": ("ddpm", "ddim", "vpsde"), "eta": ("ddim",),
-               "sigma_max": ("edm",), "edm_steps": ("edm",), "s_churn": ("edm",)}
+               "sigma_max": ("edm",), "edm_steps": ("edm",), "s_churn": ("edm",), "corrector": ("vpsde",),
+               "snr": ("vpsde",), "corrector_steps": ("vpsde",)}
 
 
 def add_purification_args(p, defenses=DEFENSES):
@@ -524,6 +573,13 @@ def add_purification_args(p, defenses=DEFENSES):
     p.add_argument("--sigma-max", type=float, default=None, help="edm: t* in sigma units (default 0.5)")
     p.add_argument("--edm-steps", type=int, default=None, help="edm: reverse steps (default 50; 2 x steps - 1 calls)")
     p.add_argument("--s-churn", type=float, default=None, help="edm: S_churn (default 6 = EDM-SDE; 0 = EDM-ODE)")
+    p.add_argument("--corrector", choices=["none", "langevin"], default=None,
+                   help="vpsde: none (default: DiffPure, Euler-Maruyama only) or langevin (the paper's Extra "
+                   "Corrector, table 10: a Langevin step before each Euler step, 2x the network calls)")
+    p.add_argument("--snr", type=float, default=None, help="vpsde --corrector langevin: signal-to-noise ratio "
+                   "(default 0.16, score_sde's and ADDT's)")
+    p.add_argument("--corrector-steps", type=int, default=None,
+                   help="vpsde --corrector langevin: Langevin steps per Euler step (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="fp32",
                    help="fp32 as the official code (default); bf16 autocast is the fast path (auto: bf16 on CUDA)")
@@ -547,7 +603,15 @@ def check_purification_args(args):
         args.sigma_max = 0.5 if args.sigma_max is None else args.sigma_max
         args.edm_steps = 50 if args.edm_steps is None else args.edm_steps
         args.s_churn = 6.0 if args.s_churn is None else args.s_churn
-    check_positive(args, "n", "nfe", "edm_steps", "sigma_max")
+    if args.defense == "vpsde":
+        args.corrector = args.corrector or "none"
+        for flag in ("snr", "corrector_steps"):
+            require(args.corrector == "langevin" or getattr(args, flag) is None,
+                    f"--{flag.replace('_', '-')} applies to --corrector langevin only")
+        if args.corrector == "langevin":
+            args.snr = 0.16 if args.snr is None else args.snr
+            args.corrector_steps = 1 if args.corrector_steps is None else args.corrector_steps
+    check_positive(args, "n", "nfe", "edm_steps", "sigma_max", "snr", "corrector_steps")
     check_range(args, "t_star", 0, 1, lo_open=True, hi_open=True)
     check_range(args, "eta", 0, 1)
     check_range(args, "s_churn", 0, math.inf, hi_open=True)
@@ -566,7 +630,8 @@ def build_purifier(args, model):
         return ddpm_purifier(model, make_schedule(args.defense, args.nfe, args.t_star, args.eta or 0.0))
     if args.defense == "vpsde":
         dt = 1e-3 if args.nfe is None else args.t_star / args.nfe
-        return vpsde_purifier(model, t_star=args.t_star, dt=dt)
+        corrector = {"langevin": dict(corrector="langevin", snr=args.snr, corrector_steps=args.corrector_steps)}
+        return vpsde_purifier(model, t_star=args.t_star, dt=dt, **corrector.get(args.corrector, {}))
     return edm_purifier(model, sigma_max=args.sigma_max, num_steps=args.edm_steps, S_churn=args.s_churn)
 
 

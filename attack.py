@@ -247,7 +247,8 @@ def attack_name(a):
 def summary_row(s):
     a = s["args"]
     ci = lambda key: f"[{s[key][0]:.1f}, {s[key][1]:.1f}]"  # noqa: E731
-    row = {"defense": a["defense"], "calls": s["model_calls"] or "-",
+    defense = a["defense"] + ("+langevin" if a.get("corrector") == "langevin" else "")  # vpsde's extra corrector
+    row = {"defense": defense, "calls": s["model_calls"] or "-",
            "setting": a["setting"] + (f"-{a['semi_n']}" if a["setting"] == "dw-semi" else ""),
            "attack": f"{attack_name(a)} {a['norm']}", "protocol": s["protocol"] + ("/best" if a["track"] == "best" else ""),
            "N": s["n"], "clean": f"{s['clean_accuracy']:.2f} {ci('clean_ci')}",

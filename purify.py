@@ -105,7 +105,8 @@ def main(argv=None):
             x_pur = purifier(x, image_noise(args, range(k), d.device), trace=trace).float()
         save_grid(os.path.join(args.out, "grid.png"), [x, (trace[0].float() + 1) / 2, x_pur])
     lo_c, hi_c = results["purified_accuracy_ci95"]
-    row = {"defense": args.defense, "model calls": purifier.info["model_calls"], "N": n,
+    defense = args.defense + ("+langevin" if args.corrector == "langevin" else "")  # vpsde's extra corrector
+    row = {"defense": defense, "model calls": purifier.info["model_calls"], "N": n,
            "classifier": f"{results['classifier_accuracy']:.2f}",
            "purified (clean)": f"{results['purified_accuracy']:.2f} [{lo_c:.1f}, {hi_c:.1f}]"}
     print(markdown_table([row], list(row)))

@@ -462,8 +462,9 @@ def model_calls(flags):
     family = flags.get("defense")
     if family in ("ddpm", "ddim"):
         return flags.get("nfe", {"ddpm": 100, "ddim": 10}[family]) + 1
-    if family == "vpsde":
-        return flags.get("nfe", 100)
+    if family == "vpsde":  # --corrector langevin: corrector_steps more calls per Euler step
+        corrector = flags.get("corrector_steps", 1) if flags.get("corrector") == "langevin" else 0
+        return flags.get("nfe", 100) * (1 + corrector)
     if family == "edm":
         return 2 * flags.get("edm_steps", 50) - 1
     return 0
