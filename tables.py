@@ -15,13 +15,14 @@ Tables (the paper's numbers live in paper_numbers.json, tables 1-13 as printed):
   3   per classifier (--classifier NAME=CKPT, several): DP_DDPM-1000, DP_DDIM-100 (NFE 10), DP_EDM
   4   DP_DDPM NFE sweep (--nfes, default 5,10,20,50,100), vanilla vs ADDT, with the classifier-only row
   5   DP_DDIM NFE sweep, the same
+  6   Tiny-ImageNet (--data tinyimagenet): DP_DDPM-1000, DP_DDIM-100 (NFE 10), vanilla vs ADDT, classifier row
   8   ablations at each NFE: vanilla fine-tune (--ft-ddpm) and MSE-guided (--mse-ddpm), DP_DDPM and DP_DDIM
   9   DP_EDM-SDE (S_churn 6) and -ODE (S_churn 0), vanilla vs ADDT
+  10  DiffPure (--vpsde/--addt-vpsde) with and without the extra corrector (--corrector langevin)
   11  vanilla, ADDT and ADDT_linf (--linf-ddpm), DP_DDPM-1000 and DP_DDIM (NFE 100)
   12  AutoAttack rand (upstream and fixed) vs PGD20-EoT10, DiffPure, DP_DDPM, DP_DDIM (NFE 100)
   13  fixed AutoAttack, vanilla vs ADDT, DiffPure, DP_DDPM, DP_DDIM (NFE 100)
-Tables 6 (Tiny-ImageNet: tables 4/5's cells with --data tinyimagenet), 7 (FID) and 10 (extra corrector)
-are data only. A family whose model flag is missing is left out (its cells show the paper's number only).
+Table 7 (FID) is data only. A family whose model flag is missing is left out (its cells show the paper's number only).
 
 Each cell is one attack.py run in OUT/<cell>/ (clean accuracy from its clean evaluation: the l_inf run's,
 or the l_2 run's); cells share names across tables, so one --out can hold several tables. A cell with a
@@ -50,9 +51,8 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 PAPER = os.path.join(REPO, "paper_numbers.json")
 NORMS = ("linf", "l2")
 NORM_TEXT = {"linf": "l_inf", "l2": "l_2"}
-RUNNABLE = (1, 2, 3, 4, 5, 8, 9, 11, 12, 13)
-DATA_ONLY = {6: "Tiny-ImageNet: run table 4 / 5 with --data tinyimagenet and its classifier",
-             7: "FID scores: not an attack", 10: "the VP-SDE extra corrector is not implemented here"}
+RUNNABLE = (1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13)
+DATA_ONLY = {7: "FID scores: not an attack"}
 # model flags per family: label -> flag (the DDPM models serve DP_DDPM and DP_DDIM)
 MODEL_FLAGS = {"ddpm": {"vanilla": "ddpm", "addt": "addt_ddpm", "ft": "ft_ddpm", "mse": "mse_ddpm",
                         "addt-linf": "linf_ddpm"},
@@ -78,8 +78,8 @@ def parse_args(argv=None):
     g.add_argument("--arch", default=None, help="classifier arch for a bare state dict (attack.py's --arch)")
     g.add_argument("--classifier-norm", default=None, help="attack.py's --classifier-norm")
     g.add_argument("--data", default="cifar10", help="data set name or path (attack.py's --data)")
-    g.add_argument("--dataset", choices=["auto", "CIFAR-10", "CIFAR-100"], default="auto",
-                   help="which of the paper's rows to compare with (auto: CIFAR-100 when --data names it)")
+    g.add_argument("--dataset", choices=["auto", "CIFAR-10", "CIFAR-100", "Tiny-ImageNet"], default="auto",
+                   help="which of the paper's rows to compare with (auto: from the --data name)")
     s = p.add_argument_group("what to run")
     s.add_argument("--nfes", default=None, help="tables 4, 5, 8: NFEs, comma-separated (default 5,10,20,50,100)")
     s.add_argument("--norms", default="linf,l2", help="comma-separated: linf, l2")
@@ -134,7 +134,8 @@ def check_args(args):
         require(os.path.exists(args.data), f"--data {args.data} not found")
         args.data = os.path.abspath(args.data)
     if args.dataset == "auto":
-        args.dataset = "CIFAR-100" if "100" in os.path.basename(args.data.rstrip("/")) else "CIFAR-10"
+        base = os.path.basename(args.data.rstrip("/")).lower()
+        args.dataset = "Tiny-ImageNet" if "tiny" in base else "CIFAR-100" if "100" in base else "CIFAR-10"
     if args.bench:
         require(os.path.isfile(args.bench), f"--bench {args.bench} not found")
     try:
@@ -195,7 +196,7 @@ class Plan:
         self.columns, self.row_header, self.notes = [], [], []
 
     def cell(self, family, model="vanilla", norm="linf", nfe=None, setting="white-box", eot=None, attack="pgd",
-             classifier=None, churn=None):
+             classifier=None, churn=None, corrector=None):
         """The name of the cell (registered on first use), or None when its model or norm is not given."""
         args = self.args
         if norm not in args.norms:
@@ -220,6 +221,9 @@ class Plan:
             if churn is not None:
                 flags["s_churn"] = churn
                 name += f"-churn{churn:g}"
+            if corrector is not None:
+                flags["corrector"] = corrector
+                name += f"-{corrector}"
             name += f"-{norm}"
             if setting != "white-box":
                 name += f"-{setting}"
@@ -349,6 +353,37 @@ def table_9(plan):
         plan.rows.append({"labels": [{"clean": "Clean", "linf": "l_inf", "l2": "l_2"}[row]], "entries": entries})
 
 
+def table_6(plan):
+    """Tiny-ImageNet: DP_DDPM-1000 (NFE 100) and DP_DDIM-100 (n = 100: NFE 10), vanilla vs ADDT, 64x64 models."""
+    plan.row_header, plan.columns = ["Method"], six_columns()
+    classifier_row(plan, 6, ["-"], {"method": "-"})
+    for method, family, nfe in (("DP_DDPM-1000", "ddpm", 100), ("DP_DDIM-100", "ddim", 10)):
+        entries = []
+        for model, prefix in (("vanilla", "vanilla"), ("addt", "ours")):
+            entries += plan.triple(6, prefix, family, model, nfe=nfe, key={"method": method})
+        plan.rows.append({"labels": [method], "entries": entries})
+    if plan.args.dataset != "Tiny-ImageNet":
+        plan.notes.append(f"table 6 reports Tiny-ImageNet; these cells ran on {plan.args.dataset} "
+                          "(pass --data tinyimagenet with Tiny-ImageNet models and classifier)")
+
+
+def table_10(plan):
+    """DiffPure's VP-SDE with and without the extra Langevin corrector (appendix G), vanilla vs ADDT."""
+    plan.row_header = ["Type"]
+    variants = [("vanilla", "vanilla", None), ("vanilla", "extra corrector", "langevin"),
+                ("addt", "ADDT", None), ("addt", "ADDT + extra corrector", "langevin")]
+    plan.columns = ["Vanilla", "Extra Corrector", "ADDT", "ADDT + Extra Corrector"]
+    for row, norm in (("clean", None), ("linf", "linf"), ("l2", "l2")):
+        entries = []
+        for model, col, corrector in variants:
+            cells = {nm: plan.cell("vpsde", model, nm, corrector=corrector) for nm in NORMS}
+            cell = cells[norm] if norm else (cells["linf"] or cells["l2"])
+            entries.append(plan.entry(cell, "robust" if norm else "clean", paper_value(plan.paper, 10, col, row=row)))
+        plan.rows.append({"labels": [{"clean": "Clean", "linf": "l_inf", "l2": "l_2"}[row]], "entries": entries})
+    plan.notes.append("Extra corrector: attack.py --corrector langevin (snr 0.16, one Langevin step before each "
+                      "Euler step; 200 network calls per purification). Vanilla and ADDT equal table 2's DiffPure cells.")
+
+
 def table_11(plan):
     ds = plan.args.dataset
     plan.row_header = ["Method", "Dataset"]
@@ -396,12 +431,13 @@ def table_13(plan):
 
 
 LAYOUTS = {1: table_1, 2: table_2, 3: table_3, 4: lambda p: table_nfe(p, 4, "ddpm"),
-           5: lambda p: table_nfe(p, 5, "ddim"), 8: table_8, 9: table_9, 11: table_11, 12: table_12, 13: table_13}
+           5: lambda p: table_nfe(p, 5, "ddim"), 6: table_6, 8: table_8, 9: table_9, 10: table_10, 11: table_11,
+           12: table_12, 13: table_13}
 
 
 def make_plan(args):
     plan = Plan(args, load_paper())
-    if args.dataset != "CIFAR-10" and args.table not in (4, 5, 11):
+    if args.dataset != "CIFAR-10" and args.table not in (4, 5, 6, 11):
         plan.notes.append(f"table {args.table} reports CIFAR-10 only: the paper's numbers are compared as printed")
     LAYOUTS[args.table](plan)
     require(plan.cells, f"table {args.table}: nothing to run ({'; '.join(sorted(plan.left_out)) or 'no cells'})")

@@ -203,3 +203,26 @@ def test_nproc_runs_a_cell_under_torchrun(smoke_inputs, tmp_path):
     proc = subprocess.run([sys.executable, "tables.py", "--table", "4", "--classifier", "missing.pt"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_tables_6_and_10_cells(fake_models, tmp_path):
+    """Table 10: the corrector columns are DiffPure's cells plus --corrector langevin; table 6: DP_DDIM-100 is
+    n = 100 (NFE 10), compared with the Tiny-ImageNet rows."""
+    p = fake_models
+    base = ["--classifier", p["clf"], "--out", str(tmp_path / "t")]
+    plan = tables.make_plan(tables.parse_args(["--table", "10", "--vpsde", p["vpsde"], "--addt-vpsde", p["addt-vpsde"],
+                                               "--data", p["data"], *base]))
+    langevin = {n for n, f in plan.cells.items() if f.get("corrector") == "langevin"}
+    assert len(plan.cells) == 8 and len(langevin) == 4 and all(n.endswith(("-langevin-linf", "-langevin-l2")) for n in langevin)
+    clean = plan.rows[0]["entries"]
+    assert [e["paper"] for e in clean] == [89.26, 85.25, 89.94, 85.55]
+    assert [plan.cells[e["cell"]].get("corrector") for e in clean] == [None, "langevin", None, "langevin"]
+    ns = tables.resolve("x", tables.cell_argv(plan.args, plan.cells[clean[1]["cell"]], str(tmp_path / "x")))
+    assert ns.corrector == "langevin" and ns.snr == 0.16
+    tiny = tmp_path / "tiny-imagenet-200"
+    tiny.mkdir()
+    plan = tables.make_plan(tables.parse_args(["--table", "6", "--ddpm", p["ddpm"], "--addt-ddpm", p["addt-ddpm"],
+                                               "--data", str(tiny), *base]))
+    assert plan.args.dataset == "Tiny-ImageNet" and not plan.notes
+    assert {f.get("nfe") for f in plan.cells.values() if f["defense"] == "ddim"} == {10}
+    assert [e["paper"] for e in plan.rows[2]["entries"]] == [60.35, 4.79, 39.75, 60.45, 5.86, 40.82]
