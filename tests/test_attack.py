@@ -236,7 +236,7 @@ def test_clear_errors(inputs, tmp_path):
 def test_smoke_preset_runs_every_family_and_setting(tmp_path, capsys):
     rows = attack.main(["--preset", "smoke", "--out", str(tmp_path)])
     done = {(r["defense"], r["setting"].split("-3")[0]) for r in rows}  # dw-semi is shown as dw-semi-3
-    assert {(f, s) for f in ("ddpm", "vpsde", "edm") for s in attack.SETTINGS} <= done and ("none", "white-box") in done
+    assert {(f, s) for f in ("ddpm", "vpsde", "edm", "gdmp") for s in attack.SETTINGS} <= done and ("none", "white-box") in done
     assert any(r["attack"].startswith("AA-rand-fixed") for r in rows) and any(r["attack"].endswith("l2") for r in rows)
     assert "smoke preset finished" in capsys.readouterr().out
 
