@@ -13,7 +13,7 @@ family and for a user's own purifier. Samplers draw their noise outside any chec
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -420,6 +420,177 @@ def edm_purifier(net, sigma_max=0.5, num_steps=50, S_churn=6.0, S_min=0.01, S_ma
     return Purifier("edm", edm_purify, net, info, **settings)
 
 
+# ---------------------------------------------------------------- GDMP (Wang et al. 2022, guided DDPM purification)
+
+# GDMP's CIFAR-10 settings (github.com/JinyiW/GuidedDiffusionPur: configs/cifar10_MSE.yml, configs/default.yml)
+GDMP_T_STAR = 0.036  # purify_step: 36
+GDMP_ITERS = 4  # max_iter: diffuse and denoise 4 times, always guided toward the input
+GDMP_SCALE = {"mse": 60000.0, "ssim": 70000.0}  # guide_scale of the MSE config and of the SSIM one
+GDMP_PTB = 8 / 255  # attack.ptb (8, in pixel units) enters its scale: m = 2 ptb / 3 / guide_scale
+GDMP_BATCH = 100  # structure.bsize: its losses average over a batch of 100 images (see gdmp_guide_coefs)
+GUIDANCE = ("none", "mse", "ssim")
+
+
+def gdmp_steps(t_star, T=T):
+    """GDMP's purify_step n = t* T: it must be a whole number of steps, at least 2."""
+    n = round(t_star * T)
+    if not 2 <= n < T or abs(t_star * T - n) > 1e-6:
+        raise UserError(f"--t-star {t_star} must be a multiple of 1/{T} in [2/{T}, 1) for GDMP (its purify_step "
+                        f"counts steps of 1/{T}: 0.036 = 36 steps)")
+    return n
+
+
+def gdmp_schedule(t_star=GDMP_T_STAR, T=T):
+    """GDMP's chain in its pytorch_diffusion indexing: diffuse with alpha_bar[n] (n = t* T), then the n DDPM
+    steps t = n-1, ..., 0 (fixed_large variance, clipped x0_hat): DP_DDPM's step, one step shallower than
+    DP_DDPM's t*..0."""
+    n = gdmp_steps(t_star, T)
+    sched = make_schedule("ddpm", n - 1, (n - 1) / T, T=T)
+    return replace(sched, nfe=n, t_star=n, alpha_bar_star=float(linear_alpha_bar(T)[n]))
+
+
+def gdmp_guide_coefs(sched, guide_scale, batch=GDMP_BATCH, T=T):
+    """(steps, 3) float32, per reverse step at t: sqrt(alpha_bar[t]) and sqrt(1 - alpha_bar[t]), which diffuse
+    the input to the guidance target y_t, and k_t, the factor of grad D(x_t, y_t) on the step's mean:
+    k_t = var_t * s_t / batch, with var_t GDMP's fixed_large variance (beta_t; at t = 0 the posterior variance
+    of t = 1) and s_t = sqrt(1 - alpha_bar[t]) / (m sqrt(alpha_bar[t])), m = 2 ptb / 3 / guide_scale (its
+    compute_scale). GDMP's losses average over its batch of 100 images, which divides each image's gradient
+    by 100; `batch` does that here per image, so an image's purification never depends on its batch."""
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    alpha_bar = torch.cumprod(1 - betas, dim=0)
+    t = torch.tensor(sched.timesteps)
+    post_var_1 = betas[1] * (1 - alpha_bar[0]) / (1 - alpha_bar[1])
+    var = torch.where(t > 0, betas[t], post_var_1)
+    ab = alpha_bar[t]
+    m = 2 * GDMP_PTB / 3 / guide_scale
+    k = var * (1 - ab).sqrt() / (m * ab.sqrt()) / batch
+    ab32 = linear_alpha_bar(T)[t]  # the target's diffusion as DP_DDPM's (float32)
+    return torch.stack([ab32.sqrt(), (1 - ab32).sqrt(), k.float()], dim=1)
+
+
+def gaussian_window(size=11, sigma=1.5):
+    """GDMP's SSIM window (pytorch_ssim): the normalised 1-D Gaussian's outer product, (size, size)."""
+    g = torch.exp(-(torch.arange(size, dtype=torch.float64) - size // 2) ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def _local_means(x, window):
+    """The window's weighted mean around every pixel, per channel, zero padded (F.conv2d, padding size // 2)."""
+    w = window.to(x.device, x.dtype).expand(x.shape[1], 1, *window.shape)
+    return torch.nn.functional.conv2d(x, w, padding=window.shape[-1] // 2, groups=x.shape[1])
+
+
+def _ssim_terms(x, y, window, C1=0.01 ** 2, C2=0.03 ** 2):
+    """SSIM's map S = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2)) with its
+    numerator and denominator factors (Wang et al. 2004 eq. 13; pytorch_ssim's constants, on [-1, 1] images)."""
+    mu_x, mu_y = _local_means(x, window), _local_means(y, window)
+    s_x = _local_means(x * x, window) - mu_x ** 2
+    s_y = _local_means(y * y, window) - mu_y ** 2
+    s_xy = _local_means(x * y, window) - mu_x * mu_y
+    A1, A2 = 2 * mu_x * mu_y + C1, 2 * s_xy + C2
+    B1, B2 = mu_x ** 2 + mu_y ** 2 + C1, s_x + s_y + C2
+    return A1 * A2 / (B1 * B2), mu_x, mu_y, A1, A2, B1, B2
+
+
+def ssim(x, y, window=None):
+    """Per image: the mean of the SSIM map over channels and pixels (GDMP's pytorch_ssim.ssim for one image)."""
+    window = gaussian_window() if window is None else window
+    return _ssim_terms(x, y, window)[0].flatten(1).mean(1)
+
+
+def ssim_grad(x, y, window=None):
+    """d ssim(x, y)[b] / d x[b] in closed form: with S = A1 A2 / (B1 B2) a function of the local moments
+    mu_x = w*x, E_xx = w*(x x), E_xy = w*(x y), chain rule through each (the zero-padded window is its own
+    adjoint, being symmetric): dS/dmu_x = 2 mu_y (A2 - A1) / (B1 B2) - 2 mu_x S (1/B1 - 1/B2),
+    dS/dE_xx = -S / B2, dS/dE_xy = 2 A1 / (B1 B2). Plain differentiable ops, so an attack's gradient through
+    it is exact without double backward."""
+    window = gaussian_window() if window is None else window
+    S, mu_x, mu_y, A1, A2, B1, B2 = _ssim_terms(x, y, window)
+    d_mu = 2 * mu_y * (A2 - A1) / (B1 * B2) - 2 * mu_x * S * (1 / B1 - 1 / B2)
+    d_exx, d_exy = -S / B2, 2 * A1 / (B1 * B2)
+    grad = _local_means(d_mu, window) + 2 * x * _local_means(d_exx, window) + y * _local_means(d_exy, window)
+    return grad / x[0].numel()
+
+
+def guidance_grad(guidance, x, y):
+    """grad_x D(x, y) per image: D = -MSE(x, y) (the mean over the image) or SSIM(x, y). Computed in fp32 (or
+    fp64) even under autocast: SSIM's constants (C1 = 1e-4) are below bf16's resolution."""
+    with torch.autocast(x.device.type, enabled=False):
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x, y = x.to(dtype), y.to(dtype)
+        if guidance == "mse":
+            return -2 * (x - y) / x[0].numel()
+        return ssim_grad(x, y)
+
+
+def gdmp_step(unet, x_t, t, z, coef, y_t, k_t, guidance):
+    """GDMP's guided reverse step: DP_DDPM's step (the UNet's posterior mean plus the step's noise), with
+    k_t grad D(x_t, y_t) added to the mean (GDMP's denoising_step with cond_fn)."""
+    x_prev = denoise_step(unet, x_t, t, z, coef)
+    if guidance == "none":
+        return x_prev
+    return x_prev + (k_t * guidance_grad(guidance, x_t, y_t)).to(x_prev.dtype)
+
+
+def gdmp_purify(unet, x, sched, noise=None, guidance="mse", guide=None, iters=GDMP_ITERS, grad_checkpoint=False,
+                trace=None):
+    """GDMP (Wang et al. 2022; its code's diff_purify): an image in [0, 1] -> x_adv = 2x - 1; `iters`
+    times: diffuse the current image with alpha_bar[t*] (the first time x_adv, then the last result), and
+    run the reverse DDPM steps of `sched` (gdmp_schedule) guided toward y_t, the input x_adv diffused to step
+    t with fresh noise; finally (x + 1) / 2 clamped to [0, 1]. guidance: none (unguided), mse or ssim; guide:
+    gdmp_guide_coefs(sched, scale). Differentiable end to end: the target y_t moves with the input too.
+    noise: see the module docstring; draw 0 is the first forward noise; then, in order, per step the
+    target's noise (guided only) and the step's noise (t > 0), and each later iteration's forward noise
+    before its steps. grad_checkpoint recomputes each step (its UNet call and guidance) in the backward.
+    trace: an optional list that receives x_t after every forward diffusion and after every step."""
+    noise = as_noise(noise)
+    x_adv = 2 * x - 1
+    coefs = sched.coefs.to(x.device)  # once: no host-to-device copy per step
+    if guidance != "none":
+        guide = guide.to(x.device, x.dtype)
+    x_0, k = x_adv, 0
+    for _ in range(iters):
+        x_t = sched.alpha_bar_star ** 0.5 * x_0 + (1 - sched.alpha_bar_star) ** 0.5 * noise(k, x)
+        k += 1
+        if trace is not None:
+            trace.append(x_t.detach())
+        for i, t in enumerate(sched.timesteps):
+            y_t = k_t = z = None
+            if guidance != "none":
+                y_t, k_t, k = guide[i, 0] * x_adv + guide[i, 1] * noise(k, x), guide[i, 2], k + 1
+            if sched.noisy[i]:
+                z, k = noise(k, x_t), k + 1
+            args = (unet, x_t, t, z, coefs[i], y_t, k_t, guidance)
+            if grad_checkpoint and torch.is_grad_enabled():
+                x_t = checkpoint(gdmp_step, *args, use_reentrant=False)
+            else:
+                x_t = gdmp_step(*args)
+            if trace is not None:
+                trace.append(x_t.detach())
+        x_0 = x_t
+    return ((x_0 + 1) / 2).clamp(0, 1)
+
+
+def gdmp_purifier(unet, guidance="mse", guide_scale=None, t_star=GDMP_T_STAR, iters=GDMP_ITERS, batch=GDMP_BATCH):
+    """GDMP's defence around a DDPM UNet; the defaults are its CIFAR-10 configs (t* = 36 steps, 4 iterations,
+    guide_scale 60000 for MSE and 70000 for SSIM; see README "GDMP")."""
+    if guidance not in GUIDANCE:
+        raise UserError(f"unknown GDMP guidance {guidance!r}: use one of {', '.join(GUIDANCE)}")
+    if not isinstance(iters, int) or iters < 1:
+        raise UserError(f"GDMP needs at least one iteration, got {iters}")
+    sched = gdmp_schedule(t_star)
+    scale = None if guidance == "none" else GDMP_SCALE[guidance] if guide_scale is None else guide_scale
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise UserError(f"the GDMP guidance scale must be positive, got {scale}")
+    guide = gdmp_guide_coefs(sched, scale, batch) if scale is not None else None
+    per_iter = 1 + len(sched.timesteps) * (guidance != "none") + sched.n_noise
+    info = {"family": "gdmp", "guidance": guidance, "guide_scale": scale, "guide_batch": batch, "t_star": sched.t_star,
+            "iters": iters, "timesteps": sched.timesteps, "model_calls": iters * len(sched.timesteps),
+            "noise_draws": iters * per_iter}
+    return Purifier("gdmp", gdmp_purify, unet, info, sched=sched, guidance=guidance, guide=guide, iters=iters)
+
+
 # ---------------------------------------------------------------- loading and saving the models of every family
 
 # what our DDPM/DDIM samplers implement; a diffusers pipeline's scheduler_config.json must agree
@@ -469,7 +640,8 @@ def load_unet(path, **overrides):
         raise UserError(f"diffusion model {path}: {e}") from None
 
 
-FAMILY_FLAGS = {"ddpm": "ddpm", "ddim": "ddpm", "vpsde": "vpsde", "edm": "edm"}  # --defense -> its model flag
+# --defense -> its model flag
+FAMILY_FLAGS = {"ddpm": "ddpm", "ddim": "ddpm", "vpsde": "vpsde", "edm": "edm", "gdmp": "ddpm"}
 
 
 def _find(path, patterns, what):
@@ -544,17 +716,19 @@ def save_diffusion_model(family, model, folder, step=0):
 
 # ---------------------------------------------------------------- the flags purify.py and attack.py share
 
-DEFENSES = ["ddpm", "ddim", "vpsde", "edm"]
+DEFENSES = ["ddpm", "ddim", "vpsde", "edm", "gdmp"]
 # flags that belong to some families only: --flag -> the defences it applies to
-FAMILY_ONLY = {"nfe": ("ddpm", "ddim", "vpsde"), "t_star": ("ddpm", "ddim", "vpsde"), "eta": ("ddim",),
+FAMILY_ONLY = {"nfe": ("ddpm", "ddim", "vpsde"), "t_star": ("ddpm", "ddim", "vpsde", "gdmp"), "eta": ("ddim",),
                "sigma_max": ("edm",), "edm_steps": ("edm",), "s_churn": ("edm",), "corrector": ("vpsde",),
-               "snr": ("vpsde",), "corrector_steps": ("vpsde",)}
+               "snr": ("vpsde",), "corrector_steps": ("vpsde",), "guidance": ("gdmp",),
+               "guide_scale": ("gdmp",), "gdmp_iters": ("gdmp",)}
+GDMP_FLAGS = ("guidance", "guide_scale", "gdmp_iters")  # added where "gdmp" is among the defences
 
 
 def add_purification_args(p, defenses=DEFENSES):
     """The flags purify.py and attack.py share: defence and models, classifier, data, schedule, speed."""
     p.add_argument("--defense", choices=defenses, default="ddpm",
-                   help="DP_DDPM, DP_DDIM, DiffPure's VP-SDE (DDPM++) or ADDT's EDM purification")
+                   help="DP_DDPM, DP_DDIM, DiffPure's VP-SDE (DDPM++), ADDT's EDM purification or GDMP (DDPM, guided)")
     p.add_argument("--ddpm", help="diffusers UNet or DDPMPipeline folder (e.g. google/ddpm-cifar10-32), ddpm/ddim")
     p.add_argument("--vpsde", help="score_sde checkpoint (DiffPure's checkpoint_8.pth) or a train_addt export")
     p.add_argument("--edm", help="EDM pickle (edm-cifar10-32x32-uncond-vp.pkl), ADDT .pth or a train_addt export")
@@ -568,7 +742,8 @@ def add_purification_args(p, defenses=DEFENSES):
                    help="first N images of the split (write --num-images under torchrun, which takes --n as its own)")
     p.add_argument("--nfe", type=int, default=None, help="paper's NFE (default 100 ddpm, 10 ddim); vpsde: Euler "
                    "steps (default: dt = 1e-3, DiffPure's grid)")
-    p.add_argument("--t-star", type=float, default=None, help="diffusion depth as a fraction of T (default 0.1)")
+    p.add_argument("--t-star", type=float, default=None, help="diffusion depth as a fraction of T (default 0.1; "
+                   "gdmp 0.036, its 36 steps)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0 = deterministic reverse)")
     p.add_argument("--sigma-max", type=float, default=None, help="edm: t* in sigma units (default 0.5)")
     p.add_argument("--edm-steps", type=int, default=None, help="edm: reverse steps (default 50; 2 x steps - 1 calls)")
@@ -580,6 +755,12 @@ def add_purification_args(p, defenses=DEFENSES):
                    "(default 0.16, score_sde's and ADDT's)")
     p.add_argument("--corrector-steps", type=int, default=None,
                    help="vpsde --corrector langevin: Langevin steps per Euler step (default 1)")
+    if "gdmp" in defenses:
+        p.add_argument("--guidance", choices=GUIDANCE, default=None,
+                       help="gdmp: guidance toward the input at every reverse step (default mse, table 1's GDMP)")
+        p.add_argument("--guide-scale", type=float, default=None,
+                       help="gdmp: GDMP's guide_scale (default 60000 mse, 70000 ssim; for its batch of 100: README)")
+        p.add_argument("--gdmp-iters", type=int, default=None, help="gdmp: diffuse-and-denoise iterations (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="fp32",
                    help="fp32 as the official code (default); bf16 autocast is the fast path (auto: bf16 on CUDA)")
@@ -591,13 +772,16 @@ def add_purification_args(p, defenses=DEFENSES):
 def check_purification_args(args):
     """Defaults per defence and every shared flag checked before anything is loaded."""
     from addt_common import check_device, check_positive, check_range, require
-    for flag, families in FAMILY_ONLY.items():
+    for flag, families in FAMILY_ONLY.items():  # (analyze.py rbgm-ranks has no GDMP flags: --guidance is CGPO's)
+        if flag in GDMP_FLAGS and not hasattr(args, "gdmp_iters"):
+            continue
         if getattr(args, flag) is not None and args.defense not in families:
             raise UserError(f"--{flag.replace('_', '-')} applies to --defense {' / '.join(families)}, "
                             f"not {args.defense}")
     if args.defense in DEFAULT_NFE and args.nfe is None:  # ddpm, ddim (vpsde: dt = 1e-3 unless --nfe; none: -)
         args.nfe = DEFAULT_NFE[args.defense]
-    args.t_star = 0.1 if args.t_star is None and args.defense in FAMILY_ONLY["t_star"] else args.t_star
+    if args.t_star is None and args.defense in FAMILY_ONLY["t_star"]:
+        args.t_star = GDMP_T_STAR if args.defense == "gdmp" else 0.1
     args.eta = 0.0 if args.eta is None and args.defense == "ddim" else args.eta
     if args.defense == "edm":
         args.sigma_max = 0.5 if args.sigma_max is None else args.sigma_max
@@ -611,6 +795,13 @@ def check_purification_args(args):
         if args.corrector == "langevin":
             args.snr = 0.16 if args.snr is None else args.snr
             args.corrector_steps = 1 if args.corrector_steps is None else args.corrector_steps
+    if args.defense == "gdmp":
+        args.guidance = "mse" if args.guidance is None else args.guidance
+        require(args.guidance != "none" or args.guide_scale is None, "--guide-scale applies to --guidance mse / ssim")
+        if args.guidance != "none" and args.guide_scale is None:
+            args.guide_scale = GDMP_SCALE[args.guidance]
+        args.gdmp_iters = GDMP_ITERS if args.gdmp_iters is None else args.gdmp_iters
+        check_positive(args, "guide_scale", "gdmp_iters")
     check_positive(args, "n", "nfe", "edm_steps", "sigma_max", "snr", "corrector_steps")
     check_range(args, "t_star", 0, 1, lo_open=True, hi_open=True)
     check_range(args, "eta", 0, 1)
@@ -632,6 +823,8 @@ def build_purifier(args, model):
         dt = 1e-3 if args.nfe is None else args.t_star / args.nfe
         corrector = {"langevin": dict(corrector="langevin", snr=args.snr, corrector_steps=args.corrector_steps)}
         return vpsde_purifier(model, t_star=args.t_star, dt=dt, **corrector.get(args.corrector, {}))
+    if args.defense == "gdmp":
+        return gdmp_purifier(model, args.guidance, args.guide_scale, args.t_star, args.gdmp_iters)
     return edm_purifier(model, sigma_max=args.sigma_max, num_steps=args.edm_steps, S_churn=args.s_churn)
 
 

@@ -38,7 +38,7 @@ from addt_common import (Dist, Progress, UserError, autocast, check_out_dir, che
                          lock_out, parse_ints, prepare_model, read_json, refuse_overwrite, require,
                          resolve_precision, run_main, sample_seed, unlock_out, write_json)
 from addt_data import shard, to_float
-from addt_diffusion import (FAMILY_FLAGS, add_purification_args, build_purifier, check_purification_args,
+from addt_diffusion import (DEFENSES, FAMILY_FLAGS, add_purification_args, build_purifier, check_purification_args,
                             load_diffusion_model, load_inputs)
 
 RANDOM_DIRECTION = 50  # key stage of semi-curve's random +-1 direction (addt_attacks uses 0..7)
@@ -59,8 +59,8 @@ def parse_args(argv=None):
                            description=textwrap.fill(f"{figure_}: {help}", 100) + "\n\n"
                            + textwrap.fill(f"Time: {timing}", 100),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        if models:
-            add_purification_args(s)
+        if models:  # rbgm-ranks trains no GDMP and has its own --guidance (CGPO's)
+            add_purification_args(s, [f for f in DEFENSES if f != "gdmp"] if name == "rbgm-ranks" else DEFENSES)
             s.set_defaults(n=n)
             s.add_argument("--batch-size", type=int, default=32, help="images processed together")
             s.add_argument("--chunk", type=int, default=64, help="pipelines (image x draw) per forward/backward")

@@ -5,6 +5,7 @@
         --data PATH                           # the paper's PGD20-EoT10 on DP_DDPM (NFE 100)
     python attack.py --defense vpsde --vpsde checkpoint_8.pth ...      # DiffPure (VP-SDE, DDPM++)
     python attack.py --defense edm --edm edm-cifar10-32x32-uncond-vp.pkl ...   # ADDT's EDM purification
+    python attack.py --defense gdmp --guidance mse --ddpm DIR ...      # GDMP (guided DDPM; none | mse | ssim)
     python attack.py --attack autoattack-rand-fixed ...                # the paper's fixed AutoAttack (rand)
     python attack.py --protocol worst-10 --track best ...              # stricter protocols
     torchrun --nproc_per_node=4 attack.py ... --num-images 1024        # shards the images; identical records
@@ -51,7 +52,8 @@ from addt_common import (Dist, Progress, UserError, append_jsonl, atomic_save, c
                          check_range, lock_out, markdown_table, read_json, read_jsonl, refuse_overwrite, require,
                          resolve_precision, run_main, unlock_out, write_json, write_text)
 from addt_data import shard, to_float
-from addt_diffusion import DEFENSES, add_purification_args, build_purifier, check_purification_args, load_inputs
+from addt_diffusion import (DEFENSES, FAMILY_FLAGS, add_purification_args, build_purifier, check_purification_args,
+                            load_inputs)
 
 ATTACKS = ["pgd", "apgd-ce", "apgd-dlr", "autoattack-rand-fixed", "autoattack-rand"]
 BUDGETS = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1)}  # (eps, PGD step size) on [0, 1] images
@@ -430,9 +432,10 @@ def smoke(args):
     t0 = time.time()
     fresh_smoke_folder(args.out, args.resume)
     inputs = make_smoke_inputs(os.path.join(args.out, "smoke-inputs"))
-    family_flags = {"ddpm": ["--nfe", "5"], "vpsde": ["--nfe", "5"], "edm": ["--edm-steps", "3"]}
+    family_flags = {"ddpm": ["--nfe", "5"], "vpsde": ["--nfe", "5"], "edm": ["--edm-steps", "3"],
+                    "gdmp": ["--t-star", "0.003", "--gdmp-iters", "2", "--guidance", "ssim"]}
     runs = ([("none", "white-box", "linf", [])] + [("ddpm", "white-box", "l2", [])]
-            + [(f, s, "linf", []) for f in ("ddpm", "vpsde", "edm") for s in SETTINGS]
+            + [(f, s, "linf", []) for f in ("ddpm", "vpsde", "edm", "gdmp") for s in SETTINGS]
             + [("ddpm", "white-box", "linf", ["--attack", "autoattack-rand-fixed", "--steps", "2", "--eot", "2",
                                               "--aa-draws", "3"])])
     rows = []
@@ -443,7 +446,7 @@ def smoke(args):
                 "--batch-size", "2", "--chunk", "8", "--semi-n", "3", "--device", args.device or "cpu",
                 "--classifier", inputs["classifier"], "--data", inputs["data"], *extra]
         if defense != "none":
-            argv += [f"--{defense}", inputs[defense], *family_flags[defense]]
+            argv += [f"--{FAMILY_FLAGS[defense]}", inputs[FAMILY_FLAGS[defense]], *family_flags[defense]]
             argv += ["--steps", "2"] if not extra else []
             argv += ["--eot", "2"] if setting == "white-box" and not extra else []
         if os.path.isdir(out):

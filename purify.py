@@ -1,10 +1,11 @@
-"""Clean accuracy of diffusion-based purification (DP_DDPM, DP_DDIM, DiffPure's VP-SDE, ADDT's EDM) on
+"""Clean accuracy of diffusion-based purification (DP_DDPM, DP_DDIM, DiffPure's VP-SDE, ADDT's EDM, GDMP) on
 the first N test images.
 
     python purify.py --ddpm DIR --classifier CKPT --data PATH [--defense ddpm|ddim] [--nfe 100] \\
         [--t-star 0.1] [--n 1024]
     python purify.py --defense vpsde --vpsde checkpoint_8.pth --classifier CKPT --data PATH
     python purify.py --defense edm --edm edm-cifar10-32x32-uncond-vp.pkl --classifier CKPT --data PATH
+    python purify.py --defense gdmp --guidance mse --ddpm DIR --classifier CKPT --data PATH   # GDMP
     torchrun --nproc_per_node=4 purify.py ...      # shards the images, same totals as one process
 
 Writes OUT/results.json (every setting, seed, the purifier's schedule, classifier-only and purified

@@ -10,8 +10,9 @@ the paper's layout with the paper's number beside ours in every cell, e.g. "47.2
         --classifier WRN-28-10=wrn.pt --classifier VGG-16=vgg.pt --classifier ViT-B=vit/ ...
 
 Tables (the paper's numbers live in paper_numbers.json, tables 1-13 as printed):
-  1   DiffPure (--vpsde), DP_DDPM, DP_DDIM (NFE 100): clean, PGD20-EoT1, PGD20-EoT10 (l_inf)
-  2   DP_DDIM (NFE 100), DP_DDPM, DiffPure, DP_EDM, vanilla vs ADDT (--addt-ddpm/--addt-vpsde/--addt-edm)
+  1   DiffPure (--vpsde), GDMP (MSE), DP_DDPM, DP_DDIM (NFE 100): clean, PGD20-EoT1, PGD20-EoT10 (l_inf)
+  2   DP_DDIM (NFE 100), GDMP (none, MSE, SSIM guidance), DP_DDPM, DiffPure, DP_EDM, vanilla vs ADDT
+      (--addt-ddpm/--addt-vpsde/--addt-edm); GDMP runs on the vanilla --ddpm
   3   per classifier (--classifier NAME=CKPT, several): DP_DDPM-1000, DP_DDIM-100 (NFE 10), DP_EDM
   4   DP_DDPM NFE sweep (--nfes, default 5,10,20,50,100), vanilla vs ADDT, with the classifier-only row
   5   DP_DDIM NFE sweep, the same
@@ -53,7 +54,7 @@ NORMS = ("linf", "l2")
 NORM_TEXT = {"linf": "l_inf", "l2": "l_2"}
 RUNNABLE = (1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13)
 DATA_ONLY = {7: "FID scores: not an attack"}
-# model flags per family: label -> flag (the DDPM models serve DP_DDPM and DP_DDIM)
+# model flags per family: label -> flag (the DDPM models serve DP_DDPM, DP_DDIM and GDMP)
 MODEL_FLAGS = {"ddpm": {"vanilla": "ddpm", "addt": "addt_ddpm", "ft": "ft_ddpm", "mse": "mse_ddpm",
                         "addt-linf": "linf_ddpm"},
                "vpsde": {"vanilla": "vpsde", "addt": "addt_vpsde"}, "edm": {"vanilla": "edm", "addt": "addt_edm"}}
@@ -63,7 +64,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", type=int, required=True, help=f"one of {', '.join(map(str, RUNNABLE))}")
     g = p.add_argument_group("models (a family without its flag is left out)")
-    g.add_argument("--ddpm", help="vanilla DDPM (diffusers folder): DP_DDPM and DP_DDIM")
+    g.add_argument("--ddpm", help="vanilla DDPM (diffusers folder): DP_DDPM, DP_DDIM and GDMP")
     g.add_argument("--addt-ddpm", help="ADDT fine-tuned DDPM (train_addt.py's OUT/ema)")
     g.add_argument("--ft-ddpm", help="table 8: DDPM fine-tuned without perturbation (--perturb none)")
     g.add_argument("--mse-ddpm", help="table 8: DDPM fine-tuned with MSE guidance (--guidance mse)")
@@ -196,7 +197,7 @@ class Plan:
         self.columns, self.row_header, self.notes = [], [], []
 
     def cell(self, family, model="vanilla", norm="linf", nfe=None, setting="white-box", eot=None, attack="pgd",
-             classifier=None, churn=None, corrector=None):
+             classifier=None, churn=None, corrector=None, guidance=None):
         """The name of the cell (registered on first use), or None when its model or norm is not given."""
         args = self.args
         if norm not in args.norms:
@@ -207,7 +208,7 @@ class Plan:
         if family == "none":
             name = f"classifier-{norm}"
         else:
-            base = "ddpm" if family in ("ddpm", "ddim") else family
+            base = "ddpm" if family in ("ddpm", "ddim", "gdmp") else family
             flag = MODEL_FLAGS[base][model]
             path = getattr(args, flag)
             if path is None:
@@ -215,6 +216,9 @@ class Plan:
                 return None
             flags[base] = path
             name = f"{family}-{model}"
+            if guidance is not None:
+                flags["guidance"] = guidance
+                name = f"{family}-{guidance}-{model}"
             if nfe is not None:
                 flags["nfe"] = nfe
                 name += f"-nfe{nfe}"
@@ -254,6 +258,12 @@ class Plan:
                 self.entry(l2, "robust", paper_value(self.paper, table, col("l2"), **key))]
 
 
+GDMP_GUIDANCE = {"GDMP (No Guided)": "none", "GDMP (MSE)": "mse", "GDMP (SSIM)": "ssim"}
+GDMP_NOTE = ("GDMP with GDMP's CIFAR-10 settings (t* = 36 steps, 4 iterations, guide_scale 60000 MSE / 70000 SSIM "
+             "for its batch of 100; README 'GDMP'), on the vanilla --ddpm; the ADDT authors' own GDMP settings "
+             "are not public.")
+
+
 def six_columns(a="Vanilla", b="Ours"):
     return [f"{m} {c}" for m in (a, b) for c in ("Clean", "l_inf", "l_2")]
 
@@ -283,15 +293,17 @@ def table_nfe(plan, table, family):
 
 def table_1(plan):
     plan.row_header, plan.columns = [""], ["DiffPure", "GDMP (MSE)", "DP_DDPM", "DP_DDIM"]
-    methods = [("DiffPure", "vpsde", None), ("GDMP (MSE)", None, None), ("DP_DDPM", "ddpm", 100), ("DP_DDIM", "ddim", 100)]
+    methods = [("DiffPure", "vpsde", None, None), ("GDMP (MSE)", "gdmp", None, "mse"), ("DP_DDPM", "ddpm", 100, None),
+               ("DP_DDIM", "ddim", 100, None)]
     for row, eot in (("clean", None), ("PGD20-EoT1", 1), ("PGD20-EoT10", None)):
         entries = []
-        for col, family, nfe in methods:
+        for col, family, nfe, guidance in methods:
             p = paper_value(plan.paper, 1, col, row=row)
-            cell = plan.cell(family, "vanilla", "linf", nfe=nfe, eot=eot) if family else None
+            cell = plan.cell(family, "vanilla", "linf", nfe=nfe, eot=eot, guidance=guidance)
             entries.append(plan.entry(cell, "clean" if row == "clean" else "robust", p))
         plan.rows.append({"labels": [row], "entries": entries})
-    plan.notes.append("GDMP is not implemented here. DP_DDIM at NFE 100: the printed numbers equal table 5's NFE 100 row.")
+    plan.notes.append("DP_DDIM at NFE 100: the printed numbers equal table 5's NFE 100 row.")
+    plan.notes.append(GDMP_NOTE)
 
 
 def table_2(plan):
@@ -300,8 +312,8 @@ def table_2(plan):
         key = {"diffusion": "-", "method": "classifier only"}
         plan.rows.append({"labels": ["-", "-"], "entries": plan.triple(2, "", "none", None, key=key)})
     rows = [("DDIM", "DP_DDIM", "ddim", 100, "vanilla"), ("DDIM", "DP_DDIM Ours", "ddim", 100, "addt"),
-            ("DDPM", "GDMP (No Guided)", None, None, None), ("DDPM", "GDMP (MSE)", None, None, None),
-            ("DDPM", "GDMP (SSIM)", None, None, None), ("DDPM", "DP_DDPM", "ddpm", 100, "vanilla"),
+            ("DDPM", "GDMP (No Guided)", "gdmp", None, "vanilla"), ("DDPM", "GDMP (MSE)", "gdmp", None, "vanilla"),
+            ("DDPM", "GDMP (SSIM)", "gdmp", None, "vanilla"), ("DDPM", "DP_DDPM", "ddpm", 100, "vanilla"),
             ("DDPM", "DP_DDPM Ours", "ddpm", 100, "addt"), ("DDPM++", "COUP", None, None, None),
             ("DDPM++", "DiffPure", "vpsde", None, "vanilla"), ("DDPM++", "DiffPure Ours", "vpsde", None, "addt"),
             ("EDM", "DP_EDM", "edm", None, "vanilla"), ("EDM", "DP_EDM Ours", "edm", None, "addt")]
@@ -311,9 +323,11 @@ def table_2(plan):
             entries = [plan.entry(None, m, paper_value(plan.paper, 2, c, **key))
                        for m, c in (("clean", "clean"), ("robust", "linf"), ("robust", "l2"))]
         else:
-            entries = plan.triple(2, "", family, model, nfe=nfe, key=key)
+            guidance = GDMP_GUIDANCE.get(method) if family == "gdmp" else None
+            entries = plan.triple(2, "", family, model, nfe=nfe, key=key, guidance=guidance)
         plan.rows.append({"labels": [diffusion, method], "entries": entries})
-    plan.notes.append("GDMP and COUP are not implemented here. DP_DDIM at NFE 100 (SPEC.md: n = 1000 in table 2).")
+    plan.notes.append("COUP is not implemented here. DP_DDIM at NFE 100 (SPEC.md: n = 1000 in table 2).")
+    plan.notes.append(GDMP_NOTE)
 
 
 def table_3(plan):
@@ -503,6 +517,8 @@ def model_calls(flags):
         return flags.get("nfe", 100) * (1 + corrector)
     if family == "edm":
         return 2 * flags.get("edm_steps", 50) - 1
+    if family == "gdmp":
+        return flags.get("gdmp_iters", 4) * round(flags.get("t_star", 0.036) * 1000)
     return 0
 
 
@@ -518,8 +534,8 @@ def bench_rates(bench):
             continue
         calls = s["model_calls"]
         rates[family] = (1 / ours[0]["pipelines/s"] / calls, ours[0]["eval s"] / (s["images"] * calls))
-    if "ddpm" in rates:
-        rates["ddim"] = rates["ddpm"]
+    if "ddpm" in rates:  # the same UNet calls (GDMP's guidance is a few convolutions beside each)
+        rates["ddim"] = rates["gdmp"] = rates["ddpm"]
     return rates
 
 

@@ -83,7 +83,7 @@ def test_scripts_run_beside_pypi_kernels(user_env, tmp_path):
     table = proc.stdout.split("smoke test (")[1]
     rows = [line.split(" | ")[:3] for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     done = {(defense.strip("| "), setting.replace("-3", "")) for defense, _, setting in rows}  # dw-semi-3: 3 sets
-    assert {(f, s) for f in ("ddpm", "vpsde", "edm") for s in attack.SETTINGS} | {("none", "white-box")} <= done
+    assert {(f, s) for f in ("ddpm", "vpsde", "edm", "gdmp") for s in attack.SETTINGS} | {("none", "white-box")} <= done
     assert "AA-rand-fixed" in table and " l2 |" in table
     inputs = {k: str(out / "smoke-inputs" / v) for k, v in
               {"data": "images.zip", "classifier": "classifier.pt", "ddpm": "unet"}.items()}

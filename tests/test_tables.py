@@ -109,7 +109,7 @@ def test_missing_models_are_left_out_and_flags_checked(fake_models, tmp_path):
     args = tables.parse_args(["--table", "2", "--ddpm", p["ddpm"], *base])
     plan = tables.make_plan(args)
     assert set(plan.left_out) == {"no --addt-ddpm", "no --vpsde", "no --addt-vpsde", "no --edm", "no --addt-edm"}
-    assert all(f["defense"] in ("none", "ddpm", "ddim") for f in plan.cells.values())
+    assert all(f["defense"] in ("none", "ddpm", "ddim", "gdmp") for f in plan.cells.values())
     for argv, match in ((["--table", "7"], "data only"), (["--table", "14"], "1-13"),
                         (["--table", "4", "--norms", "l3"], "--norms"), (["--table", "4", "--nfes", "5,x"], "--nfes"),
                         (["--table", "4", "--ddpm", str(tmp_path / "nope")], "not found"),
@@ -120,6 +120,35 @@ def test_missing_models_are_left_out_and_flags_checked(fake_models, tmp_path):
         tables.make_plan(tables.parse_args(["--table", "9", *base]))
     with pytest.raises(UserError, match="attack.py refuses"):  # attack.py's own checks, before anything runs
         tables.main(["--table", "4", "--ddpm", p["ddpm"], *base, "--nfes", "3"])
+
+
+def test_gdmp_cells_of_tables_1_and_2(fake_models, tmp_path, capsys):
+    """GDMP's rows: the vanilla DDPM with --guidance none / mse / ssim, the paper's number beside each; table 1's
+    GDMP (MSE) column with its EoT1 and EoT10 cells; --dry-run lists them."""
+    p = fake_models
+    base = ["--ddpm", p["ddpm"], "--classifier", p["clf"], "--data", p["data"], "--device", "cpu"]
+    plan = tables.make_plan(tables.parse_args(["--table", "2", *base, "--out", str(tmp_path / "t2")]))
+    rows = {r["labels"][1]: r["entries"] for r in plan.rows}
+    for method, guidance, paper in (("GDMP (No Guided)", "none", [91.41, 40.82, 69.63]),
+                                    ("GDMP (MSE)", "mse", [91.8, 40.97, 70.02]),
+                                    ("GDMP (SSIM)", "ssim", [92.19, 38.18, 68.95])):
+        entries = rows[method]
+        assert [e["paper"] for e in entries] == paper
+        assert [e["cell"] for e in entries] == [f"gdmp-{guidance}-vanilla-linf", f"gdmp-{guidance}-vanilla-linf",
+                                                f"gdmp-{guidance}-vanilla-l2"]
+        flags = plan.cells[entries[0]["cell"]]
+        assert flags["defense"] == "gdmp" and flags["guidance"] == guidance and flags["ddpm"] == p["ddpm"]
+        ns = tables.resolve("x", tables.cell_argv(plan.args, flags, str(tmp_path / "x")))
+        assert (ns.guidance, ns.t_star, ns.gdmp_iters) == (guidance, 0.036, 4)
+        assert tables.model_calls(flags) == 144
+    plan = tables.make_plan(tables.parse_args(["--table", "1", *base, "--out", str(tmp_path / "t1")]))
+    gdmp = [r["entries"][1] for r in plan.rows]
+    assert [e["paper"] for e in gdmp] == [91.8, 53.13, 40.97]
+    assert [e["cell"] for e in gdmp] == ["gdmp-mse-vanilla-linf", "gdmp-mse-vanilla-linf-eot1", "gdmp-mse-vanilla-linf"]
+    tables.main(["--table", "2", *base, "--out", str(tmp_path / "t2"), "--dry-run"])
+    text = capsys.readouterr().out
+    assert all(f"--defense gdmp --norm {n} --setting white-box --classifier {p['clf']} --ddpm {p['ddpm']} "
+               f"--guidance {g}" in text for g in ("none", "mse", "ssim") for n in ("linf", "l2"))
 
 
 def test_dry_run_prints_commands_and_runs_nothing(fake_models, tmp_path, capsys):
