@@ -120,7 +120,26 @@ def make_schedule(sampler="ddpm", nfe=100, t_star=0.1, eta=0.0, T=T):
     t_star_int = round(t_star * T)
     if not 0 < t_star_int < T:
         raise UserError(f"--t-star {t_star} must lie in (0, 1)")
-    timesteps = respaced_timesteps(nfe, t_star_int, T)
+    return reverse_schedule(sampler, nfe, t_star_int, eta, respaced_timesteps(nfe, t_star_int, T), T)
+
+
+def generation_schedule(sampler="ddpm", steps=1000, eta=0.0, T=T):
+    """Sampling from pure noise, as diffusers' DDPMPipeline / DDIMPipeline after set_timesteps(steps) ('leading'
+    spacing: (steps - 1) T // steps, ..., T // steps, 0; all 1000 steps by default). x_T is the noise itself:
+    alpha_bar_star = 0, so ddpm_purify's forward step returns draw 0 whatever the image."""
+    if sampler not in ("ddpm", "ddim"):
+        raise UserError(f"unknown sampler {sampler!r}: use ddpm or ddim")
+    if sampler == "ddpm" and eta:
+        raise UserError("--eta applies to the ddim sampler only")
+    if not 1 <= steps <= T:
+        raise UserError(f"--steps must lie in [1, {T}], not {steps}")
+    timesteps = list(range((steps - 1) * (T // steps), -1, -(T // steps)))
+    return reverse_schedule(sampler, steps, T, eta, timesteps, T, alpha_bar_star=0.0)
+
+
+def reverse_schedule(sampler, nfe, t_star, eta, timesteps, T=T, alpha_bar_star=None):
+    """The Schedule of reverse steps over `timesteps` (from x_{t_star}, alpha_bar_star = alpha_bar[t_star]
+    unless given)."""
     alpha_bar = linear_alpha_bar(T)
     one = torch.tensor(1.0)
     rows, noisy = [], []
@@ -139,8 +158,8 @@ def make_schedule(sampler="ddpm", nfe=100, t_star=0.1, eta=0.0, T=T):
             c0, cx, ce = ab_prev ** 0.5, zero, (1 - ab_prev - s ** 2) ** 0.5
         rows.append(torch.stack([a, b, c0, cx, ce, s]))
         noisy.append(bool(s > 0))
-    return Schedule(sampler, nfe, t_star_int, eta, timesteps, float(alpha_bar[t_star_int]),
-                    torch.stack(rows), noisy)
+    alpha_bar_star = float(alpha_bar[t_star]) if alpha_bar_star is None else alpha_bar_star
+    return Schedule(sampler, nfe, t_star, eta, timesteps, alpha_bar_star, torch.stack(rows), noisy)
 
 
 def denoise_step(unet, x_t, t, z, coef):
@@ -197,6 +216,14 @@ def ddpm_purifier(unet, sched):
     info = {"family": sched.sampler, "nfe": sched.nfe, "t_star": sched.t_star, "eta": sched.eta,
             "timesteps": sched.timesteps, "model_calls": len(sched.timesteps)}
     return Purifier(sched.sampler, ddpm_purify, unet, info, sched=sched)
+
+
+def ddpm_generate(unet, like, sched, noise=None):
+    """Images in [0, 1] from pure noise (DDPMPipeline, DDIMPipeline) with a generation_schedule: draw 0 is x_T,
+    then one draw per noisy step, as for purification; `like` gives only the shape and the device."""
+    if sched.alpha_bar_star != 0:
+        raise ValueError("ddpm_generate takes a generation_schedule (alpha_bar_star = 0: x_T is pure noise)")
+    return ddpm_purify(unet, torch.zeros_like(like), sched, noise)
 
 
 # ---------------------------------------------------------------- VP-SDE (DiffPure)
@@ -344,6 +371,29 @@ def vpsde_purifier(model, t_star=0.1, beta_min=0.1, beta_max=20.0, dt=1e-3, corr
     return Purifier("vpsde", vpsde_purify, model, info, **settings)
 
 
+def vpsde_generation_coefficients(steps=1000, eps=1e-3, beta_min=0.1, beta_max=20.0):
+    """vpsde_step's rows for score_sde's sampler (Song et al. 2021; run_lib's pc sampler with its CIFAR-10 VP
+    settings: EulerMaruyamaPredictor, no corrector, sampling eps 1e-3): tau_k = linspace(1, eps, steps) and
+    dt = 1 / steps at every step (score_sde's dt = -1 / N, whatever the spacing of its grid)."""
+    tau = torch.linspace(1.0, eps, steps, dtype=torch.float64)
+    beta, std = vpsde_beta_std(tau, beta_min, beta_max)
+    dt = torch.full_like(tau, 1 / steps)
+    return torch.stack([tau * 999, std, 0.5 * beta, beta, dt, (beta * dt).sqrt()], dim=1).float()
+
+
+def vpsde_generate(model, like, noise=None, steps=1000, eps=1e-3, beta_min=0.1, beta_max=20.0):
+    """Images from the VP-SDE's prior x_1 = z (draw 0) by the reverse SDE's Euler-Maruyama steps (draw 1 + k is
+    the z of step k); the last step adds no noise (score_sde's noise_removal returns its x_mean). (x + 1) / 2,
+    not clamped (score_sde clips when it writes the images)."""
+    noise = as_noise(noise)
+    coefs = vpsde_generation_coefficients(steps, eps, beta_min, beta_max).to(like.device, like.dtype)
+    y = noise(0, like)
+    for k, coef in enumerate(coefs):
+        z = noise(1 + k, y) if k < steps - 1 else torch.zeros_like(y)
+        y = vpsde_step(model, y, z, coef)
+    return (y + 1) / 2
+
+
 # ---------------------------------------------------------------- EDM (ADDT's EDM purification)
 
 def edm_schedule(sigma_max=0.5, num_steps=50, S_churn=6.0, S_min=0.01, S_max=0.46, S_noise=1.007,
@@ -418,6 +468,17 @@ def edm_purifier(net, sigma_max=0.5, num_steps=50, S_churn=6.0, S_min=0.01, S_ma
             "S_churn": S_churn, "S_min": S_min, "S_max": S_max, "S_noise": S_noise, "sigma_min": sigma_min, "rho": rho,
             "t_steps": t_steps.tolist(), "churn_steps": int((gamma > 0).sum()), "model_calls": 2 * num_steps - 1}
     return Purifier("edm", edm_purify, net, info, **settings)
+
+
+def edm_generate(net, like, noise=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """Images from x_T = sigma_max z (draw 0) by EDM's deterministic Heun sampler, the defaults of NVlabs/edm's
+    generate.py (18 steps, 35 calls, S_churn 0): edm_purify of the all-0.5 image (2 x - 1 = 0) without churn.
+    sigma_min and sigma_max are clipped to the network's range as edm_sampler does. The ODE state is float32
+    (edm_sampler keeps it in float64)."""
+    sigma_min = max(sigma_min, float(getattr(net, "sigma_min", 0.0)))
+    sigma_max = min(sigma_max, float(getattr(net, "sigma_max", math.inf)))
+    return edm_purify(net, torch.full_like(like, 0.5), noise, sigma_max=sigma_max, num_steps=num_steps, S_churn=0.0,
+                      S_min=0.0, S_max=math.inf, S_noise=1.0, sigma_min=sigma_min, rho=rho)
 
 
 # ---------------------------------------------------------------- GDMP (Wang et al. 2022, guided DDPM purification)
