@@ -1,4 +1,4 @@
-"""Run (or resume) the matrix of attack.py runs behind one of the paper's tables, then write the table in
+"""Run (or resume) the matrix of attack.py runs (fid.py for table 7) behind one of the paper's tables, then write the table in
 the paper's layout with the paper's number beside ours in every cell, e.g. "47.27 (ours 45.1 ± 3.0)".
 
     python tables.py --table 4 --ddpm DIR --addt-ddpm DIR --classifier CKPT --data cifar10 --out runs/table4
@@ -17,18 +17,20 @@ Tables (the paper's numbers live in paper_numbers.json, tables 1-13 as printed):
   4   DP_DDPM NFE sweep (--nfes, default 5,10,20,50,100), vanilla vs ADDT, with the classifier-only row
   5   DP_DDIM NFE sweep, the same
   6   Tiny-ImageNet (--data tinyimagenet): DP_DDPM-1000, DP_DDIM-100 (NFE 10), vanilla vs ADDT, classifier row
+  7   FID of the DDPM: vanilla, clean fine-tune, ADDT, ADDT_linf (fid.py; no --classifier; --fid-n, --inception)
   8   ablations at each NFE: vanilla fine-tune (--ft-ddpm) and MSE-guided (--mse-ddpm), DP_DDPM and DP_DDIM
   9   DP_EDM-SDE (S_churn 6) and -ODE (S_churn 0), vanilla vs ADDT
   10  DiffPure (--vpsde/--addt-vpsde) with and without the extra corrector (--corrector langevin)
   11  vanilla, ADDT and ADDT_linf (--linf-ddpm), DP_DDPM-1000 and DP_DDIM (NFE 100)
   12  AutoAttack rand (upstream and fixed) vs PGD20-EoT10, DiffPure, DP_DDPM, DP_DDIM (NFE 100)
   13  fixed AutoAttack, vanilla vs ADDT, DiffPure, DP_DDPM, DP_DDIM (NFE 100)
-Table 7 (FID) is data only. A family whose model flag is missing is left out (its cells show the paper's number only).
+A family whose model flag is missing is left out (its cells show the paper's number only).
 
 Each cell is one attack.py run in OUT/<cell>/ (clean accuracy from its clean evaluation: the l_inf run's,
 or the l_2 run's); cells share names across tables, so one --out can hold several tables. A cell with a
 summary.json is done and skipped (after checking it was run with the same flags); an unfinished one
-continues with attack.py --resume, so the matrix survives kill -9 at any point. Writes OUT/table<N>.md and
+continues with attack.py --resume, so the matrix survives kill -9 at any point. Table 7's cells are fid.py
+runs (done when fid.json exists) sharing one --ref-stats file. Writes OUT/table<N>.md and
 OUT/table<N>.json (every cell, its command, status and numbers) after every cell; logs in OUT/logs/.
 """
 import argparse
@@ -52,8 +54,9 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 PAPER = os.path.join(REPO, "paper_numbers.json")
 NORMS = ("linf", "l2")
 NORM_TEXT = {"linf": "l_inf", "l2": "l_2"}
-RUNNABLE = (1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13)
-DATA_ONLY = {7: "FID scores: not an attack"}
+RUNNABLE = tuple(range(1, 14))
+SCRIPTS = {"attack": "attack.py", "fid": "fid.py"}  # a cell is one run of one of them (table 7: fid.py)
+DONE_FILE = {"attack": "summary.json", "fid": "fid.json"}
 # model flags per family: label -> flag (the DDPM models serve DP_DDPM, DP_DDIM and GDMP)
 MODEL_FLAGS = {"ddpm": {"vanilla": "ddpm", "addt": "addt_ddpm", "ft": "ft_ddpm", "mse": "mse_ddpm",
                         "addt-linf": "linf_ddpm"},
@@ -73,7 +76,7 @@ def parse_args(argv=None):
     g.add_argument("--addt-vpsde", help="ADDT fine-tuned VP-SDE")
     g.add_argument("--edm", help="EDM network (pickle or .pth)")
     g.add_argument("--addt-edm", help="ADDT fine-tuned EDM")
-    g.add_argument("--classifier", action="append", required=True, metavar="[NAME=]CKPT",
+    g.add_argument("--classifier", action="append", default=None, metavar="[NAME=]CKPT",
                    help="classifier checkpoint; table 3 takes several, named as the paper's rows (VGG-16, "
                         "ResNet-50, WRN-28-10, WRN-70-16, ViT-B)")
     g.add_argument("--arch", default=None, help="classifier arch for a bare state dict (attack.py's --arch)")
@@ -97,6 +100,11 @@ def parse_args(argv=None):
     a.add_argument("--batch-size", type=int, default=None)
     a.add_argument("--chunk", type=int, default=None)
     a.add_argument("--extra-args", default="", help="more attack.py flags for every cell, one quoted string")
+    f = p.add_argument_group("table 7 (FID: one fid.py run per model)")
+    f.add_argument("--fid-n", type=int, default=None, help="images sampled per model (default fid.py's: 50,000)")
+    f.add_argument("--inception", default=None, help="fid.py --inception (pytorch-fid's weight file)")
+    f.add_argument("--ref-stats", default=None, help="the data set's Inception statistics, shared by the cells "
+                   "(default OUT/fid-ref-stats.npz: computed once by the first cell)")
     r = p.add_argument_group("running")
     r.add_argument("--out", default=None, help="folder of the cells and the table (default runs/table<N>)")
     r.add_argument("--nproc", type=int, default=1, help="processes per cell (torchrun --standalone "
@@ -112,19 +120,22 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every flag and every file checked before any cell runs."""
-    require(args.table in RUNNABLE or args.table in DATA_ONLY, f"--table {args.table}: the paper has tables 1-13")
-    require(args.table not in DATA_ONLY, f"table {args.table} is data only here ({DATA_ONLY.get(args.table)}); "
-                                         f"runnable: {', '.join(map(str, RUNNABLE))}")
+    require(args.table in RUNNABLE, f"--table {args.table}: the paper has tables 1-13")
     args.out = args.out or os.path.join("runs", f"table{args.table}")
     check_out_dir(args.out)
     args.norms = [s.strip() for s in args.norms.split(",") if s.strip()]
     require(args.norms and set(args.norms) <= set(NORMS), f"--norms takes linf and/or l2, not {args.norms}")
     args.nfes = parse_ints(args.nfes or "5,10,20,50,100", "--nfes")
-    for name in ("n", "nproc", "parallel", "max_cells", "steps", "eot", "aa_draws", "batch_size", "chunk"):
+    for name in ("n", "nproc", "parallel", "max_cells", "steps", "eot", "aa_draws", "batch_size", "chunk", "fid_n"):
         v = getattr(args, name)
         require(v is None or v >= 1, f"--{name.replace('_', '-')} must be positive, not {v}")
     require(args.seed >= 0, f"--seed must be non-negative, not {args.seed}")
-    args.classifiers = parse_classifiers(args.classifier, args.table)
+    require(args.classifier or args.table == 7, "--classifier is required (every table but 7 attacks a classifier)")
+    args.classifiers = parse_classifiers(args.classifier or [], args.table)
+    args.ref_stats = os.path.abspath(args.ref_stats or os.path.join(args.out, "fid-ref-stats.npz"))
+    if args.inception is not None:
+        require(os.path.isfile(args.inception), f"--inception {args.inception} not found")
+        args.inception = os.path.abspath(args.inception)
     for flags in MODEL_FLAGS.values():
         for flag in flags.values():
             path = getattr(args, flag)
@@ -163,7 +174,7 @@ def parse_classifiers(values, table):
         out.append((name, os.path.abspath(path)))
     names = [short(n) for n, _ in out]
     require(len(set(names)) == len(names), f"--classifier: two classifiers named alike ({[n for n, _ in out]})")
-    require(table == 3 or len(out) == 1, "several --classifier are for table 3; the other tables take one")
+    require(table == 3 or len(out) <= 1, "several --classifier are for table 3; the other tables take one")
     return out
 
 
@@ -243,6 +254,16 @@ class Plan:
         require(old is None or old == flags, f"internal: cell {name} planned twice with different flags")
         self.cells[name] = flags
         return name
+
+    def fid_cell(self, model):
+        """A fid.py run of a DDPM model (table 7), or None when its flag is not given."""
+        flag = MODEL_FLAGS["ddpm"][model]
+        path = getattr(self.args, flag)
+        if path is None:
+            self.left_out.setdefault(f"no --{flag.replace('_', '-')}", set()).add(model)
+            return None
+        self.cells[f"fid-{model}"] = {"script": "fid", "model": "ddpm", "ddpm": path}
+        return f"fid-{model}"
 
     def entry(self, cell, metric, paper):
         return {"cell": cell, "metric": metric, "paper": paper}
@@ -340,6 +361,16 @@ def table_3(plan):
                 entries += plan.triple(3, prefix, family, model, classifier=clf, nfe=nfe, key=key)
             plan.rows.append({"labels": [method, clf[0]], "entries": entries})
     plan.notes.append("DP_DDIM-100 is n = 100, NFE 10 (its WRN-28-10 row equals table 5's NFE 10 row).")
+
+
+def table_7(plan):
+    """FID of the DDPM: vanilla, fine-tuned without perturbation, ADDT (RBGM) and ADDT_linf."""
+    plan.row_header, plan.columns = [""], ["Vanilla", "Clean Fine-tune", "Ours", "Ours l_inf"]
+    models = (("vanilla", "vanilla"), ("ft", "clean fine-tune"), ("addt", "ours"), ("addt-linf", "ours linf"))
+    plan.rows.append({"labels": ["FID"], "entries": [plan.entry(plan.fid_cell(m), "fid", paper_value(
+        plan.paper, 7, col, row="FID")) for m, col in models]})
+    plan.notes.append("FID: fid.py with its defaults (DDPM's ancestral sampler over 1000 steps, 50,000 images, against "
+                      "the CIFAR-10 training set's statistics, pytorch-fid's Inception weights); --fid-n for fewer.")
 
 
 def table_8(plan):
@@ -445,7 +476,7 @@ def table_13(plan):
 
 
 LAYOUTS = {1: table_1, 2: table_2, 3: table_3, 4: lambda p: table_nfe(p, 4, "ddpm"),
-           5: lambda p: table_nfe(p, 5, "ddim"), 6: table_6, 8: table_8, 9: table_9, 10: table_10, 11: table_11,
+           5: lambda p: table_nfe(p, 5, "ddim"), 6: table_6, 7: table_7, 8: table_8, 9: table_9, 10: table_10, 11: table_11,
            12: table_12, 13: table_13}
 
 
@@ -461,10 +492,17 @@ def make_plan(args):
 # ---------------------------------------------------------------- commands
 
 def cell_argv(args, flags, out):
-    """attack.py's flags of a cell: its own, then the forwarded ones."""
+    """attack.py's (or fid.py's) flags of a cell: its own, then the forwarded ones."""
     argv = []
     for k, v in flags.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
+        if k != "script":
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    if flags.get("script") == "fid":
+        argv += ["--data", args.data, "--seed", str(args.seed), "--precision", args.precision, "--out", out,
+                 "--ref-stats", args.ref_stats]
+        for k, flag in (("fid_n", "--num-images"), ("inception", "--inception"), ("device", "--device")):
+            argv += [flag, str(getattr(args, k))] if getattr(args, k) is not None else []
+        return argv
     argv += ["--data", args.data, "--num-images", str(args.n), "--seed", str(args.seed),
              "--precision", args.precision, "--out", out]
     for k in ("arch", "classifier_norm", "device", "batch_size", "chunk", "steps"):
@@ -477,31 +515,36 @@ def cell_argv(args, flags, out):
     return argv + args.extra
 
 
-def command(args, argv):
-    script = os.path.join(REPO, "attack.py")
+def command(args, argv, script="attack"):
+    script = os.path.join(REPO, SCRIPTS[script])
     if args.nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                 script, *argv]
     return [sys.executable, script, *argv]
 
 
-def resolve(name, argv):
-    """attack.py's resolved flags for a cell (its parse_args: every flag checked, no file read)."""
+def resolve(name, argv, script="attack"):
+    """attack.py's (fid.py's) resolved flags for a cell (its parse_args: every flag checked, no file read)."""
     import attack
+    import fid
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return attack.parse_args(argv)
+            return {"attack": attack, "fid": fid}[script].parse_args(argv)
     except SystemExit:
         lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
-        raise UserError(f"cell {name}: attack.py refuses its flags: {lines[-1] if lines else '?'}") from None
+        raise UserError(f"cell {name}: {SCRIPTS[script]} refuses its flags: {lines[-1] if lines else '?'}") from None
     except UserError as e:
-        raise UserError(f"cell {name}: attack.py refuses its flags: {e}") from None
+        raise UserError(f"cell {name}: {SCRIPTS[script]} refuses its flags: {e}") from None
+
+
+def script_of(flags):
+    return flags.get("script", "attack")
 
 
 def cell_status(args, name):
     out = os.path.join(args.out, name)
-    if os.path.isfile(os.path.join(out, "summary.json")):
+    if os.path.isfile(os.path.join(out, DONE_FILE[script_of(args.plan.cells[name])])):
         return "done"
     return "started" if os.path.exists(os.path.join(out, "args.json")) else "pending"
 
@@ -540,6 +583,8 @@ def bench_rates(bench):
 
 
 def projected_seconds(args, flags, rates):
+    if script_of(flags) == "fid":  # sampling: forward passes only, at the evaluation rate (Inception not counted)
+        return (args.fid_n or 50000) * 1000 * rates["ddpm"][1] / args.nproc if "ddpm" in rates else None
     family = flags.get("defense")
     if family == "none":
         return 0.0
@@ -643,8 +688,10 @@ def run_cells(args, todo, commands):
 # ---------------------------------------------------------------- the table
 
 def metric_of(summary, metric):
-    """(value, [lo, hi], n) of a finished cell."""
+    """(value, [lo, hi] or None, n) of a finished cell."""
     n = summary["n"]
+    if metric == "fid":
+        return summary["fid"], None, n
     key = {"clean": "clean_accuracy", "robust": "robust_accuracy", "autoattack": "autoattack_robust_accuracy"}[metric]
     if key not in summary:  # a PGD cell asked for AutoAttack's number: it is its robust accuracy
         key = "robust_accuracy"
@@ -655,15 +702,18 @@ def metric_of(summary, metric):
     return value, ci, n
 
 
-def fmt_paper(v):
-    return "–" if v is None else f"{v:.2f}"
+def fmt_paper(v, metric=None):
+    return "–" if v is None else f"{v:.3f}" if metric == "fid" else f"{v:.2f}"
 
 
 def cell_text(e):
+    paper = fmt_paper(e["paper"], e["metric"])
     if e.get("ours") is None:
-        return fmt_paper(e["paper"]) + ("" if e["status"] in ("not run", "n/a") else f" (ours: {e['status']})")
+        return paper + ("" if e["status"] in ("not run", "n/a") else f" (ours: {e['status']})")
+    if e["ci"] is None:
+        return f"{paper} (ours {e['ours']:.3f})"
     lo, hi = e["ci"]
-    return f"{fmt_paper(e['paper'])} (ours {e['ours']:.1f} ± {(hi - lo) / 2:.1f})"
+    return f"{paper} (ours {e['ours']:.1f} ± {(hi - lo) / 2:.1f})"
 
 
 def write_report(args, plan, quiet=False):
@@ -672,7 +722,7 @@ def write_report(args, plan, quiet=False):
     for name in plan.cells:
         status[name] = cell_status(args, name)
         if status[name] == "done":
-            summaries[name] = read_json(os.path.join(args.out, name, "summary.json"), "summary")
+            summaries[name] = read_json(os.path.join(args.out, name, DONE_FILE[script_of(plan.cells[name])]), "summary")
     rows = []
     for row in plan.rows:
         entries = []
@@ -689,15 +739,17 @@ def write_report(args, plan, quiet=False):
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(list(r["labels"]) + [cell_text(e) for e in r["entries"]]) + " |" for r in rows]
     n_done = sum(s == "done" for s in status.values())
-    lines += ["", f"Each cell: the paper's number (ours: this run's, ± half the Wilson 95 % interval, over "
-                  f"{args.n} images). Cells finished: {n_done}/{len(status)}."]
+    what = (f"the FID of {args.fid_n or 50000} samples" if args.table == 7 else
+            f"± half the Wilson 95 % interval, over {args.n} images")
+    lines += ["", f"Each cell: the paper's number (ours: this run's, {what}). Cells finished: {n_done}/{len(status)}."]
     lines += [f"Left out: {reason}." for reason in sorted(plan.left_out)] + plan.notes
     settings = {k: getattr(args, k) for k in ("n", "steps", "eot", "seed", "precision", "data", "dataset")}
     lines.append("Forwarded settings: " + ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None) + ".")
     write_text(os.path.join(args.out, f"table{args.table}.md"), "\n".join(lines) + "\n")
     cells = {name: {"command": shlex.join(args.commands[name]), "status": status[name],
                     **({k: summaries[name].get(k) for k in ("n", "clean_accuracy", "clean_ci", "robust_accuracy",
-                                                            "robust_ci", "autoattack_robust_accuracy", "seconds")}
+                                                            "robust_ci", "autoattack_robust_accuracy", "seconds", "fid")
+                        if k in summaries[name]}
                        if name in summaries else {})} for name in plan.cells}
     write_json(os.path.join(args.out, f"table{args.table}.json"),
                {"table": args.table, "caption": paper["caption"], "row_header": plan.row_header,
@@ -710,20 +762,23 @@ def write_report(args, plan, quiet=False):
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
-    import attack  # its flag checks decide every cell
+    import attack  # its flag checks decide every cell (fid.py's for table 7)
+    import fid
     args = parse_args(argv)
     plan = make_plan(args)
     args.plan = plan
     args.commands, resolved = {}, {}
     for name, flags in plan.cells.items():
         argv_ = cell_argv(args, flags, os.path.join(args.out, name))
-        resolved[name] = resolve(name, argv_)
-        args.commands[name] = command(args, argv_ + ["--resume"])
+        resolved[name] = resolve(name, argv_, script_of(flags))
+        args.commands[name] = command(args, argv_ + ["--resume"], script_of(flags))
     status = {name: cell_status(args, name) for name in plan.cells}
     for name in plan.cells:  # a finished cell must have been run with the flags it would get now
         if status[name] == "done":
-            s = read_json(os.path.join(args.out, name, "summary.json"), "summary")
-            changed = attack.changed_flags(resolved[name], s.get("args", {}))
+            script = script_of(plan.cells[name])
+            s = read_json(os.path.join(args.out, name, DONE_FILE[script]), "summary")
+            changed = (attack.changed_flags(resolved[name], s.get("args", {})) if script == "attack" else
+                       [k for k in fid.SAMPLE_FLAGS if s.get("args", {}).get(k) != getattr(resolved[name], k)])
             require(not changed, f"cell {name} in {args.out} was run with other settings "
                                  f"({', '.join('--' + k.replace('_', '-') for k in changed)}); remove "
                                  f"{os.path.join(args.out, name)} to redo it, or use another --out")

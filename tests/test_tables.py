@@ -69,6 +69,8 @@ def fake_models(tmp_path):
                  "clf", "data"):
         paths[flag] = str(tmp_path / flag)
         os.makedirs(paths[flag])
+    paths["inception"] = str(tmp_path / "inception.pth")  # fid.py checks that it exists before anything runs
+    open(paths["inception"], "w").close()
     return paths
 
 
@@ -83,7 +85,7 @@ def test_every_table_plans_cells_attack_py_accepts(table, fake_models, tmp_path)
     clf = ["--classifier", p["clf"]] if table != 3 else [
         x for name in ("VGG-16", "WRN-28-10", "ViT-B") for x in ("--classifier", f"{name}={p['clf']}")]
     args = tables.parse_args(["--table", str(table), *every_model(p), *clf, "--data", p["data"], "--out",
-                              str(tmp_path / "t"), "--device", "cpu"])
+                              str(tmp_path / "t"), "--device", "cpu", "--inception", p["inception"]])
     plan = tables.make_plan(args)
     paper = tables.load_paper()[str(table)]
     printed = sorted(v for r in paper["rows"] if r["key"].get("dataset", "CIFAR-10") == "CIFAR-10"
@@ -97,9 +99,12 @@ def test_every_table_plans_cells_attack_py_accepts(table, fake_models, tmp_path)
         for r in plan.rows:
             printed = r["labels"][0] != "DP_EDM" or r["labels"][1] == "WRN-28-10"
             assert all((e["paper"] is not None) == printed for e in r["entries"]), r["labels"]
-    for name, flags in plan.cells.items():  # attack.py's own parser accepts every cell
-        ns = tables.resolve(name, tables.cell_argv(args, flags, str(tmp_path / "t" / name)))
-        assert ns.defense == flags["defense"] and ns.norm == flags["norm"]
+    for name, flags in plan.cells.items():  # attack.py's (fid.py's) own parser accepts every cell
+        ns = tables.resolve(name, tables.cell_argv(args, flags, str(tmp_path / "t" / name)), tables.script_of(flags))
+        if tables.script_of(flags) == "fid":
+            assert ns.model == "ddpm" and ns.model_path == flags["ddpm"] and ns.ref_stats == args.ref_stats
+        else:
+            assert ns.defense == flags["defense"] and ns.norm == flags["norm"]
     assert all(e["cell"] in plan.cells for e in shown if e["cell"] is not None)
 
 
@@ -110,7 +115,7 @@ def test_missing_models_are_left_out_and_flags_checked(fake_models, tmp_path):
     plan = tables.make_plan(args)
     assert set(plan.left_out) == {"no --addt-ddpm", "no --vpsde", "no --addt-vpsde", "no --edm", "no --addt-edm"}
     assert all(f["defense"] in ("none", "ddpm", "ddim", "gdmp") for f in plan.cells.values())
-    for argv, match in ((["--table", "7"], "data only"), (["--table", "14"], "1-13"),
+    for argv, match in ((["--table", "14"], "1-13"),
                         (["--table", "4", "--norms", "l3"], "--norms"), (["--table", "4", "--nfes", "5,x"], "--nfes"),
                         (["--table", "4", "--ddpm", str(tmp_path / "nope")], "not found"),
                         (["--table", "4", "--classifier", f"VGG-16={p['clf']}"], "several --classifier")):
@@ -118,6 +123,8 @@ def test_missing_models_are_left_out_and_flags_checked(fake_models, tmp_path):
             tables.make_plan(tables.parse_args(argv + base))
     with pytest.raises(UserError, match="nothing to run"):
         tables.make_plan(tables.parse_args(["--table", "9", *base]))
+    with pytest.raises(UserError, match="--classifier is required"):
+        tables.parse_args(["--table", "4", "--ddpm", p["ddpm"], "--data", p["data"], "--out", str(tmp_path / "t")])
     with pytest.raises(UserError, match="attack.py refuses"):  # attack.py's own checks, before anything runs
         tables.main(["--table", "4", "--ddpm", p["ddpm"], *base, "--nfes", "3"])
 
@@ -255,3 +262,31 @@ def test_tables_6_and_10_cells(fake_models, tmp_path):
     assert plan.args.dataset == "Tiny-ImageNet" and not plan.notes
     assert {f.get("nfe") for f in plan.cells.values() if f["defense"] == "ddim"} == {10}
     assert [e["paper"] for e in plan.rows[2]["entries"]] == [60.35, 4.79, 39.75, 60.45, 5.86, 40.82]
+
+
+def test_table_7_runs_fid_py_per_model_and_reports_its_fid(fake_models, tmp_path, capsys):
+    """FID cells are fid.py runs sharing one reference-statistics file; a finished cell (fid.json) is reported
+    beside the paper's number, with its sampling flags checked."""
+    p, out = fake_models, tmp_path / "t"
+    argv = ["--table", "7", "--ddpm", p["ddpm"], "--addt-ddpm", p["addt-ddpm"], "--data", p["data"], "--out", str(out),
+            "--fid-n", "100", "--inception", p["inception"]]
+    plan = tables.main(argv + ["--dry-run"])
+    assert set(plan.cells) == {"fid-vanilla", "fid-addt"} and set(plan.left_out) == {"no --ft-ddpm", "no --linf-ddpm"}
+    cmd = plan.args.commands["fid-vanilla"]
+    assert cmd[1].endswith("fid.py") and cmd[cmd.index("--ref-stats") + 1] == str(out / "fid-ref-stats.npz")
+    assert cmd[cmd.index("--num-images") + 1] == "100" and "--resume" in cmd
+    assert "fid.py" in capsys.readouterr().out
+    import fid
+    ns = fid.parse_args(cmd[2:])
+    os.makedirs(out / "fid-vanilla")
+    with open(out / "fid-vanilla" / "fid.json", "w") as f:
+        json.dump({"fid": 3.1234, "n": 100, "args": {k: getattr(ns, k) for k in fid.SAMPLE_FLAGS}}, f)
+    tables.main(argv + ["--report-only"])
+    table = (out / "table7.md").read_text()
+    assert "| FID | 3.196 (ours 3.123) | 3.500 | 5.190 (ours: pending) | 13.608 |" in table
+    report = json.loads((out / "table7.json").read_text())
+    assert report["cells"]["fid-vanilla"]["fid"] == 3.1234
+    with open(out / "fid-vanilla" / "fid.json", "w") as f:  # a finished cell made with other sampling flags
+        json.dump({"fid": 3.1, "n": 50, "args": {**{k: getattr(ns, k) for k in fid.SAMPLE_FLAGS}, "n": 50}}, f)
+    with pytest.raises(UserError, match="other settings"):
+        tables.main(argv + ["--report-only"])
