@@ -6,6 +6,7 @@ import errno
 import fcntl
 import glob
 import importlib
+import io
 import json
 import math
 import os
@@ -13,6 +14,8 @@ import shutil
 import sys
 import time
 import types
+import warnings
+import zipfile
 from contextlib import nullcontext
 
 import numpy as np
@@ -36,21 +39,57 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Call main(); a UserError becomes 'error: ...' on stderr and exit status 2, no traceback."""
+    """Call main(); a UserError becomes 'error: ...' on stderr and exit status 2, no traceback.
+
+    Under torchrun an error that every process meets alike (a flag, checked before the process group
+    exists; an error Dist.agree shares) is printed once, by rank 0, and every process exits 0: torchrun
+    would report any other exit status as a crash, with a banner and a traceback hint of its own. Other
+    errors exit 2 on the rank that meets them, and torchrun stops the other processes."""
+    rank = os.environ.get("RANK")  # set by torchrun
+    if rank not in (None, "0"):
+        _hold_stderr()  # argparse prints its error on every rank: rank 0's copy is enough
     try:
         main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (UserError, SystemExit) as e:
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        grouped = dist.is_available() and dist.is_initialized()
+        shared = rank is not None and (isinstance(e, SharedError) or not grouped)
+        _release_stderr(discard=shared)
+        if isinstance(e, UserError) and (not shared or rank == "0"):
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(0 if shared else 2 if isinstance(e, UserError) else e.code)
     finally:
+        _release_stderr()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class SharedError(UserError):
+    """A UserError every process of the run raises (Dist.agree shares the master's)."""
+
+
+_HELD = []  # [the real stderr] while a torchrun rank other than 0 holds back what it prints before Dist()
+
+
+def _hold_stderr():
+    _HELD.append(sys.stderr)
+    sys.stderr = io.StringIO()
+
+
+def _release_stderr(discard=False):
+    """Put the real stderr back (writing out what was held, unless discarded)."""
+    if _HELD:
+        held, sys.stderr = sys.stderr, _HELD.pop()
+        if not discard:
+            sys.stderr.write(held.getvalue())
 
 
 class Dist:
     """Process layout under torchrun (nanoGPT style); one process when RANK is unset."""
 
     def __init__(self, device=None):
+        _release_stderr()  # the flags passed: from here on every rank speaks for itself
         self.ddp = int(os.environ.get("RANK", -1)) != -1
         cuda = torch.cuda.is_available() and device != "cpu"
         if self.ddp:
@@ -91,7 +130,7 @@ class Dist:
             dist.broadcast_object_list(box, 0)
             error = box[0]
         if error is not None:
-            raise UserError(error)
+            raise SharedError(error)
 
 
 # ---------------------------------------------------------------- flag checks (one line, exit 2)
@@ -222,18 +261,21 @@ def remove_stale_tmp(out):
 def atomic_write_bytes(path, write):
     """write(tmp_path) then rename, so an interruption never leaves a half-written file. A failed write
     (disk full, say) removes the temporary file, keeps the previous file and says so in one line."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # normal modes: some writers (safetensors) create files 0600
         os.replace(tmp, path)
     except OSError as e:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
-        reason = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         kept = "; the previous file is intact" if os.path.exists(path) else ""
-        raise UserError(f"could not write {path}: {reason}{kept}") from None
+        raise UserError(f"could not write {path}: {os_reason(e)}{kept}") from None
+
+
+def os_reason(e):
+    return "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
 
 
 def _umask():
@@ -242,8 +284,24 @@ def _umask():
     return mask
 
 
+def torch_save(obj, path):
+    """torch.save through a Python file, so that a full disk raises OSError(ENOSPC): torch.save(path)
+    raises only a RuntimeError ('unexpected pos ...') that names no cause, and with a file object
+    torch's zip writer still hides the OSError behind one when it closes the archive."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
+
 def atomic_save(obj, path):
-    atomic_write_bytes(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write_bytes(path, lambda tmp: torch_save(obj, tmp))
 
 
 def write_json(path, obj):
@@ -290,11 +348,23 @@ def read_jsonl(path, repair=False):
 
 
 def append_jsonl(path, rows):
-    """Append rows as one write of whole lines, flushed to disk: an interruption cuts at most the last line."""
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
+    """Append rows as one write of whole lines, flushed to disk: an interruption cuts at most the last line.
+    A failed write (disk full) cuts the file back to what it held, so no partial line stays behind."""
+    data = memoryview("".join(json.dumps(r) + "\n" for r in rows).encode())
+    fd, size = None, None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        size = os.fstat(fd).st_size
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except OSError as e:
+        if size is not None:
+            os.ftruncate(fd, size)  # shrinking needs no space
+        raise UserError(f"could not append to {path}: {os_reason(e)}; its earlier lines are intact") from None
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def read_json(path, what):
@@ -309,11 +379,41 @@ def read_json(path, what):
 
 def check_finite_weights(state, source):
     """Refuse weights with NaN or inf (a diverged run): every number computed from them would be
-    meaningless."""
-    for k, v in state.items():
-        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
-            raise UserError(f"{source} holds non-finite weights (NaN or inf in {k}); it comes from a diverged "
+    meaningless. state: a state dict, or any nest of dicts and lists of tensors (a training checkpoint
+    with its EMA and optimizer state)."""
+    for name, v in _tensors(state):
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"{source} holds non-finite weights (NaN or inf in {name}); it comes from a diverged "
                             "run: use an earlier checkpoint")
+
+
+def _tensors(obj, prefix=""):
+    """(dotted name, tensor) of every tensor in a nest of dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for k, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def unreadable_reason(path, error=None):
+    """Why a file torch.load (weights_only) refused is no checkpoint we read, from its first bytes; never
+    torch's advice to retry with weights_only=False (which would let the file run code). error: what a
+    safe reader of pickles (models/safe_pickle.py) raised on it, if one was tried."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return "a cut zip archive, not a complete torch checkpoint (truncated?)"
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        return "not a checkpoint (neither torch's zip format nor a pickle)"
+    what = "a torch checkpoint" if head[:1] == b"P" else "a pickle"
+    if error is None:
+        return f"{what} holding pickled Python objects, which are not loaded since unpickling can run code"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else "-"
+    return f"{what} that could not be read ({type(error).__name__}: {first})"
 
 
 def load_checkpoint(path, what="checkpoint"):
@@ -323,14 +423,11 @@ def load_checkpoint(path, what="checkpoint"):
     if os.path.getsize(path) == 0:
         raise UserError(f"{what} {path} is empty (0 bytes)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Weights only load failed" in str(e):
-            reason = "it holds pickled Python objects, which are not loaded since unpickling can run code"
-        elif "zip archive" in str(e) or "central directory" in str(e) or isinstance(e, (EOFError, RuntimeError)):
-            reason = f"not a complete torch checkpoint (truncated or another format?): {reason}"
-        raise UserError(f"could not read {what} {path}: {reason}") from None
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4" on a foreign file
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (a truncated or foreign file: torch raises many types)
+        raise UserError(f"could not read {what} {path}: {unreadable_reason(path)}") from None
 
 
 def sample_seed(*key):

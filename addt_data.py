@@ -245,6 +245,9 @@ def _tinyimagenet(tree, p, split):
     elif tree.isfile(p + "val/val_annotations.txt"):  # the labelled val split, in its listed order
         ann = tree.read_many([p + "val/val_annotations.txt"])[0]
         rows = [line.split("\t")[:2] for line in ann.decode().splitlines() if line.strip()]
+        if unknown := sorted({w for _, w in rows if w not in index}):
+            raise UserError(f"{tree.path}: {p}val/val_annotations.txt names classes that wnids.txt lacks "
+                            f"({unknown[:3]})")
         names, labels = [f"{p}val/images/{f}" for f, _ in rows], [index[w] for _, w in rows]
     else:
         return None
@@ -336,8 +339,32 @@ def load_split(path, split):
                 trees.append(_Tree(os.path.join(path, n)))
     for tree in trees:
         if (s := _read_tree(tree, split)) is not None:
+            check_labels(s, f"{path} ({split})")
             return s
     raise UserError(f"no '{split}' split of any known data set in {path}; {LAYOUTS}")
+
+
+def check_labels(data, source):
+    """Every label names one of the data set's classes (a CIFAR batch's labels come from the file)."""
+    bad = (data.labels < 0) | (data.labels >= len(data.classes))
+    if bad.any():
+        k = int(bad.nonzero()[0])
+        raise UserError(f"{source}: image {k} has label {int(data.labels[k])}, but the data set names "
+                        f"{len(data.classes)} classes (labels 0..{len(data.classes) - 1}); the file is damaged or "
+                        "its labels and class names do not belong together")
+
+
+def check_fits(data, source, model, size=None, num_classes=None):
+    """Refuse a data set a model was not made for, before any work: images of another size than `size`
+    (H, W; None: any) or another number of classes than `num_classes` (None: any). model names the
+    model in the message, e.g. 'classifier runs/c/classifier.pt'."""
+    h, w = data.images.shape[-2:]
+    if size is not None and (h, w) != tuple(size):
+        raise UserError(f"{source} holds {w}x{h} images, but {model} takes {size[1]}x{size[0]} images: pass a data "
+                        "set of that size, or a model made for this one")
+    if num_classes is not None and len(data.classes) != num_classes:
+        raise UserError(f"{model} has {num_classes} classes, {source} {len(data.classes)}: pass the classifier "
+                        "trained on this data set")
 
 
 # ----------------------------------------------------------------------------------------------

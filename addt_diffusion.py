@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from addt_common import UserError, keyed_normal, load_kernel, prepare_model
-from addt_data import load_split
+from addt_common import UserError, keyed_normal, load_kernel, prepare_model, torch_save
+from addt_data import check_fits, load_split
 from models import load_classifier
 
 reverse_step = load_kernel("ddpm_step").reverse_step
@@ -748,6 +748,18 @@ def new_diffusion_model(family, config=None):
     return new_edm(config)
 
 
+def score_sde_checkpoint(model, sd, step):
+    """score_sde's checkpoint layout, as its utils.save_checkpoint writes it and DiffPure's (score_sde's)
+    restore_checkpoint reads it: optimizer (an Adam state dict over the model's parameters, score_sde's
+    settings, no moments), model (names with DataParallel's `module.`), ema ({decay, num_updates,
+    shadow_params}: the weights, in parameter order) and step. The weights are both the model and its EMA."""
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+    return {"optimizer": opt.state_dict(), "model": {f"module.{k}": v for k, v in sd.items()},
+            "ema": {"decay": 0.9999, "num_updates": step,
+                    "shadow_params": [p.detach().cpu().clone() for p in model.parameters()]},
+            "step": step}
+
+
 def save_diffusion_model(family, model, folder, step=0):
     """Write the weights in the family's own format: a diffusers DDPMPipeline folder (ddpm), a score_sde
     checkpoint.pth with the weights as its EMA (vpsde: DiffPure and load_diffusion_model read it), the
@@ -765,12 +777,9 @@ def save_diffusion_model(family, model, folder, step=0):
                 json.dump(obj, f, indent=2)
         return
     if family == "vpsde":
-        torch.save({"model": {f"module.{k}": v for k, v in sd.items()},
-                    "ema": {"decay": 0.9999, "num_updates": step,
-                            "shadow_params": [p.detach().cpu() for p in model.parameters()]},
-                    "step": step}, os.path.join(folder, "checkpoint.pth"))
+        torch_save(score_sde_checkpoint(model, sd, step), os.path.join(folder, "checkpoint.pth"))
     else:
-        torch.save(sd, os.path.join(folder, "edm-ema.pth"))
+        torch_save(sd, os.path.join(folder, "edm-ema.pth"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(model.config, f, indent=2)
 
@@ -833,8 +842,9 @@ def add_purification_args(p, defenses=DEFENSES):
 def check_purification_args(args):
     """Defaults per defence and every shared flag checked before anything is loaded."""
     from addt_common import check_device, check_positive, check_range, require
-    for flag, families in FAMILY_ONLY.items():  # (analyze.py rbgm-ranks has no GDMP flags: --guidance is CGPO's)
-        if flag in GDMP_FLAGS and not hasattr(args, "gdmp_iters"):
+    model_flags = {f: tuple(d for d, m in FAMILY_FLAGS.items() if m == f) for f in set(FAMILY_FLAGS.values())}
+    for flag, families in {**FAMILY_ONLY, **model_flags}.items():
+        if flag in GDMP_FLAGS and not hasattr(args, "gdmp_iters"):  # analyze.py rbgm-ranks: --guidance is CGPO's
             continue
         if getattr(args, flag) is not None and args.defense not in families:
             raise UserError(f"--{flag.replace('_', '-')} applies to --defense {' / '.join(families)}, "
@@ -889,20 +899,37 @@ def build_purifier(args, model):
     return edm_purifier(model, sigma_max=args.sigma_max, num_steps=args.edm_steps, S_churn=args.s_churn)
 
 
+def model_image_size(model):
+    """(H, W) a diffusion model of any family was made for (its config), or None when it does not say."""
+    config = getattr(model, "config", None) or {}
+    size = next((config[k] for k in ("sample_size", "image_size", "img_resolution") if config.get(k)), None)
+    return None if size is None else (size, size) if isinstance(size, int) else tuple(size)
+
+
+def check_models_fit(data, source, model, model_path, classifier, classifier_path):
+    """The one check of a data set against the models of a run (every script makes it before any work):
+    the diffusion model's image size, the classifier's classes and, when its checkpoint says, the size
+    of the images it was trained on. model and classifier may be None."""
+    if model is not None:
+        check_fits(data, source, f"the diffusion model {model_path}", size=model_image_size(model))
+    if classifier is not None:
+        what = f"classifier checkpoint {classifier_path}"
+        check_fits(data, source, what, size=classifier.input_size, num_classes=classifier.net.num_classes)
+
+
 def load_inputs(args, device, defended=True):
     """Diffusion model (None when undefended), classifier and the first N images, checked against each
     other; the files named on the command line are read before the data set (which may be downloaded)."""
     if not args.classifier:
         raise UserError("no classifier given: pass --classifier CKPT (train one with train_classifier.py; "
                         "`python attack.py --preset smoke` checks an install without one)")
-    model = load_diffusion_model(args.defense, getattr(args, FAMILY_FLAGS[args.defense])) if defended else None
+    model_path = getattr(args, FAMILY_FLAGS[args.defense]) if defended else None
+    model = load_diffusion_model(args.defense, model_path) if defended else None
     classifier = load_classifier(args.classifier, arch=args.arch, norm=args.classifier_norm)
     data = load_split(args.data, args.split)
     if args.n > len(data.labels):
         raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
-    if classifier.net.num_classes != len(data.classes):
-        raise UserError(f"classifier checkpoint {args.classifier} has {classifier.net.num_classes} classes, the data "
-                        f"have {len(data.classes)}: pass the classifier trained on this data set")
+    check_models_fit(data, f"--data {args.data}", model, model_path, classifier, args.classifier)
     if model is not None:
         model = prepare_model(model, device, args.channels_last, args.compile)
     classifier = prepare_model(classifier, device, args.channels_last, args.compile)

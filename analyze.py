@@ -377,6 +377,11 @@ def settings(args):
         s = read_json(os.path.join(r, "summary.json"), "summary")
         a = s.get("args", {})
         require("robust_accuracy" in s and "setting" in a, f"{r}/summary.json is not an attack.py summary")
+        numbers = [s.get(k) for k in ("n", "robust_accuracy", "clean_accuracy")] + list(s.get("robust_ci") or [])
+        require(all(v is None or isinstance(v, (int, float)) and math.isfinite(v) for v in numbers)
+                and isinstance(s.get("n"), int) and s["n"] > 0,
+                f"{r}/summary.json holds a number that is not finite (robust {s['robust_accuracy']}, n {s.get('n')}): "
+                "no figure is drawn from it; attack again in a new folder")
         setting = a["setting"] + (f"-{a.get('semi_n')}" if a["setting"] == "dw-semi" else "")
         row = {"defense": a.get("defense"), "nfe": a.get("nfe"), "norm": a.get("norm"),
                "model": model_label(a, args.labels), "setting": setting, "attack": s.get("attack", "pgd"),

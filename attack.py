@@ -28,8 +28,9 @@ x_adv: the paper), mean-K (expected accuracy over K purifications), worst-N (rob
 right), majority-N; --track best keeps per image the iterate worst for the defence (PGD only).
 
 Every random draw is keyed by (seed, image index, stage, step, draw), so records do not depend on batch
-size, process count or where a run was resumed. Outputs in --out: records-RANK.jsonl (one line per
-image), summary.json and summary.md (accuracies with Wilson 95 % intervals, the bare classifier's
+size, process count or where a run was resumed (given as many CPU threads per process: CPU kernels split
+their sums by thread count, which moves the last float bits). Outputs in --out: records-RANK.jsonl (one
+line per image), summary.json and summary.md (accuracies with Wilson 95 % intervals, the bare classifier's
 accuracy on the final x_adv), args.json; with --save-adv the adversarial images (adv/), with
 --log-trajectory the per-step loss, correctness and norms in each record (and --trajectory-deltas M
 the perturbations of the first M images).
@@ -38,6 +39,7 @@ import argparse
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -48,9 +50,9 @@ from PIL import Image
 
 from addt_attacks import (SETTINGS, Defense, NonFiniteError, apgd, autoattack_rand, parse_protocol, pgd_eot,
                           summarize_records)
-from addt_common import (Dist, Progress, UserError, append_jsonl, atomic_save, check_out_dir, check_positive,
-                         check_range, lock_out, markdown_table, read_json, read_jsonl, refuse_overwrite, require,
-                         resolve_precision, run_main, unlock_out, write_json, write_text)
+from addt_common import (Dist, Progress, UserError, append_jsonl, atomic_save, atomic_write_bytes, check_out_dir,
+                         check_positive, check_range, lock_out, markdown_table, read_json, read_jsonl, refuse_overwrite,
+                         remove_stale_tmp, require, resolve_precision, run_main, unlock_out, write_json, write_text)
 from addt_data import shard, to_float
 from addt_diffusion import (DEFENSES, FAMILY_FLAGS, add_purification_args, build_purifier, check_purification_args,
                             load_inputs)
@@ -142,9 +144,9 @@ def check_args(args):
 
 # ---------------------------------------------------------------- records, resume, summary
 
-# flags that do not change any record: everything else must be the same to --resume
-RUN_ONLY_FLAGS = {"out", "resume", "batch_size", "device", "compile", "channels_last", "preset", "grad_checkpoint",
-                  "save_adv"}
+# flags that do not change any record: everything else must be the same to --resume (--save-adv too: a run
+# saves the images of all its records or of none)
+RUN_ONLY_FLAGS = {"out", "resume", "batch_size", "device", "compile", "channels_last", "preset", "grad_checkpoint"}
 
 
 def fingerprint(args):
@@ -155,12 +157,25 @@ def fingerprint(args):
 
 
 def read_records(out):
-    """Every complete record in OUT/records-*.jsonl by image index (a line cut by a kill is left out)."""
+    """Every complete record in OUT/records-*.jsonl by image index (a line cut by a kill is left out).
+    A record holding NaN or inf is refused: no accuracy may be computed from it."""
     records = {}
     for path in sorted(glob.glob(os.path.join(glob.escape(out), "records-*.jsonl"))):
         for r in read_jsonl(path):
+            if bad := next((k for k, v in r.items() if not finite(v)), None):
+                raise UserError(f"{path}: the record of image {r.get('index')} holds {bad} = {r[bad]}, not a finite "
+                                "number, so no accuracy is computed from it; attack again in a new --out")
             records[r["index"]] = r
     return records
+
+
+def finite(v):
+    """No NaN or inf in a record's value (numbers, or lists and dicts of them)."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, (list, tuple)):
+        return all(map(finite, v))
+    return all(map(finite, v.values())) if isinstance(v, dict) else True
 
 
 def changed_flags(args, before):
@@ -171,7 +186,14 @@ def changed_flags(args, before):
 
 
 def check_same_attack(args):
-    """--resume must continue the same attack: records made under other flags would be mixed in."""
+    """Records are only ever added to those of the same attack: a folder holding records takes --resume
+    (even when args.json and the summary were lost), and --resume must keep the flags (args.json's, and
+    the fingerprint every record carries)."""
+    records = read_records(args.out)
+    if not args.resume:
+        require(not records, f"{args.out} holds the records of {len(records)} attacked images (records-*.jsonl): "
+                             "pass --resume to continue that run, or another --out")
+        return
     path = os.path.join(args.out, "args.json")
     try:
         before = read_json(path, "args.json") if os.path.exists(path) else None
@@ -181,7 +203,7 @@ def check_same_attack(args):
         changed = changed_flags(args, before)
         require(not changed, f"--resume with other settings than the records in {args.out} were made with "
                              f"({', '.join('--' + k.replace('_', '-') for k in changed)}); use those settings or another --out")
-    runs = {r.get("run") for r in read_records(args.out).values()}
+    runs = {r.get("run") for r in records.values()}
     require(runs <= {fingerprint(args)}, f"--resume: the records in {args.out} were made with other settings "
                                          "(their fingerprint differs); use those settings or another --out")
 
@@ -196,7 +218,8 @@ def save_adv(out, fmt, rank, idx, x, x_adv):
         return
     for i, img in zip(idx, x_adv):
         a = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(a).save(os.path.join(folder, f"{i:06d}.png"))
+        atomic_write_bytes(os.path.join(folder, f"{i:06d}.png"),
+                           lambda tmp: Image.fromarray(a).save(tmp, format="PNG"))
 
 
 def run_attack(defense, args, x, y, idx, on_step):
@@ -277,10 +300,11 @@ def main(argv=None):
     d = Dist(args.device)
 
     def take_folder():
-        refuse_overwrite(os.path.join(args.out, "args.json"), args.resume)
+        for name in ("args.json", "summary.json"):
+            refuse_overwrite(os.path.join(args.out, name), args.resume)
         lock_out(args.out)
-        if args.resume:
-            check_same_attack(args)
+        remove_stale_tmp(os.path.join(args.out, "adv"))
+        check_same_attack(args)
     d.agree(take_folder)
     defended = args.defense != "none"
     model, classifier, images, labels = load_inputs(args, d.device, defended=defended)

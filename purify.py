@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from addt_common import (Dist, Progress, UserError, autocast, check_out_dir, check_positive, lock_out,
-                         markdown_table, refuse_overwrite, resolve_precision, run_main, sample_seed, unlock_out,
-                         write_json)
+from addt_common import (Dist, Progress, UserError, atomic_write_bytes, autocast, check_out_dir, check_positive,
+                         lock_out, markdown_table, refuse_overwrite, resolve_precision, run_main, sample_seed,
+                         unlock_out, write_json)
 from addt_attacks import NonFiniteError, check_finite, wilson_interval
 from addt_data import shard, to_float
 from addt_diffusion import KeyedNoise, add_purification_args, build_purifier, check_purification_args, load_inputs
@@ -33,13 +33,17 @@ from addt_diffusion import KeyedNoise, add_purification_args, build_purifier, ch
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_purification_args(p)
+    p.set_defaults(defense=None)  # default ddpm, below: --sampler must not contradict a given --defense
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="same as --defense (older name)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--grid", type=int, default=8, help="images in grid.png (0 = none)")
     p.add_argument("--out", default="runs/purify")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier results.json in --out")
     args = p.parse_args(argv)
-    args.defense = args.sampler or args.defense
+    if args.sampler and args.defense and args.sampler != args.defense:
+        raise UserError(f"--sampler {args.sampler} contradicts --defense {args.defense} (--sampler is its older "
+                        "name): pass one of them")
+    args.defense = args.sampler or args.defense or "ddpm"
     check_purification_args(args)
     check_positive(args, "batch_size")
     if args.grid < 0:
@@ -56,7 +60,8 @@ def image_noise(args, idx, device):
 def save_grid(path, rows):
     """rows: list of (n, 3, H, W) tensors in [0, 1] -> one PNG, a row each."""
     grid = torch.cat([torch.cat(list(r.clamp(0, 1).cpu()), dim=2) for r in rows], dim=1)
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    image = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    atomic_write_bytes(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def main(argv=None):

@@ -43,7 +43,7 @@ import attack
 import train_addt
 import train_classifier
 from addt_attacks import wilson_interval
-from addt_common import UserError, format_seconds, markdown_table, read_json, run_main, write_json
+from addt_common import UserError, check_out_dir, format_seconds, markdown_table, read_json, run_main, write_json
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg"))
@@ -59,8 +59,8 @@ def unet_config(channels, layers, attn_level, groups):
 
 
 # Sizes per preset. `rates` are effective GFLOP/s per kind of work, used only for the ETA: cpu measured
-# on the 2-core development machine (torch 2.13), cuda ASSUMED for one H100 in fp32 (bf16 autocast for the
-# classifier, its script's default): nothing was measured on a GPU. `load_s`: reading a split once.
+# on the 2-core development machine (torch 2.13), cuda ASSUMED for one H100 in fp32 (every script's
+# default): nothing was measured on a GPU. `load_s`: reading a split once.
 # ema_max_decay: with the warmup decay 1 - (1 + step)^-0.75 the cap 0.999 binds only after ~10k steps, so here
 # the EMA averages roughly the last step^0.75 steps; at the end of the CPU vanilla run its test eps-MSE was
 # 0.1842 against 0.1812 for the raw weights (a lag of the warmup, not an EMA stuck at the start).
@@ -118,11 +118,12 @@ def parse_args(argv=None):
     args.size = args.size or ("cuda" if args.device.startswith("cuda") else "cpu")
     args.data = args.data or (SHARED_DATA if os.path.exists(SHARED_DATA) else "cifar10")
     args.out = os.path.abspath(args.out)  # the scripts' --resume compares paths: keep them cwd-independent
+    check_out_dir(args.out)
     size = json.loads(json.dumps(SIZES[args.size]))  # a copy
-    size["n"] = args.n or size["n"]
+    size["n"] = size["n"] if args.n is None else args.n
     size["seed"] = size["seed"] if args.seed is None else args.seed
     if size["n"] < 1 or size["seed"] < 0:
-        raise UserError("--n must be positive and --seed non-negative")
+        raise UserError(f"--n must be positive and --seed non-negative, not {size['n']} and {size['seed']}")
     return args, size
 
 

@@ -99,7 +99,8 @@ def parse_args(argv=None):
     a.add_argument("--device", default=None)
     a.add_argument("--batch-size", type=int, default=None)
     a.add_argument("--chunk", type=int, default=None)
-    a.add_argument("--extra-args", default="", help="more attack.py flags for every cell, one quoted string")
+    a.add_argument("--extra-args", default="", help="more attack.py flags for every cell, one quoted string: "
+                   "--extra-args '--random-start --protocol worst-5' (or --extra-args='...')")
     f = p.add_argument_group("table 7 (FID: one fid.py run per model)")
     f.add_argument("--fid-n", type=int, default=None, help="images sampled per model (default fid.py's: 50,000)")
     f.add_argument("--inception", default=None, help="fid.py --inception (pytorch-fid's weight file)")
@@ -115,7 +116,19 @@ def parse_args(argv=None):
     r.add_argument("--dry-run", action="store_true", help="print the commands and projected times; run nothing")
     r.add_argument("--bench", default=None, help="bench.json (bench.py) for the projected times")
     r.add_argument("--report-only", action="store_true", help="write the table from finished cells; run nothing")
-    return check_args(p.parse_args(argv))
+    return check_args(p.parse_args(join_extra_args(sys.argv[1:] if argv is None else list(argv))))
+
+
+def join_extra_args(argv):
+    """'--extra-args', '--random-start' -> '--extra-args=--random-start': argparse would read a value that
+    starts with '-' as an option and say the flag has no argument."""
+    out = []
+    for k, a in enumerate(argv):
+        if k and argv[k - 1] == "--extra-args" and out[-1] == "--extra-args":
+            out[-1] = f"--extra-args={a}"
+        else:
+            out.append(a)
+    return out
 
 
 def check_args(args):

@@ -42,10 +42,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from addt_common import (Dist, Progress, UserError, append_jsonl, atomic_save, autocast, check_device,
                          check_finite_weights, check_out_dir, check_positive, check_range, load_checkpoint,
-                         load_kernel, lock_out, prepare_model, read_json, read_jsonl, refuse_overwrite, require,
-                         resolve_precision, run_main, sample_seed, unlock_out, write_json)
+                         load_kernel, lock_out, os_reason, prepare_model, read_json, read_jsonl, refuse_overwrite,
+                         require, resolve_precision, run_main, sample_seed, unlock_out, write_json, write_text)
 from addt_data import epoch_indices, load_split, random_crop_flip, to_float
-from addt_diffusion import T, linear_alpha_bar, load_diffusion_model
+from addt_diffusion import T, check_models_fit, linear_alpha_bar, load_diffusion_model
 from models import load_classifier
 
 rbgm = load_kernel("rbgm").rbgm
@@ -67,13 +67,14 @@ def parse_args(argv=None):
     p.add_argument("--data", default="cifar10")
     p.add_argument("--perturb", choices=list(LAMBDA_DEFAULTS), default=None,
                    help="rbgm (ADDT, default), linf (ADDT_linf), none (clean; default with --init scratch)")
-    p.add_argument("--guidance", choices=["ce", "mse"], default="ce")
-    p.add_argument("--cgpo-iters", type=int, default=5)
+    p.add_argument("--guidance", choices=["ce", "mse"], default=None, help="what CGPO maximises (default ce)")
+    p.add_argument("--cgpo-iters", type=int, default=None, help="CGPO iterations (default 5)")
     p.add_argument("--lambda-unit", type=float, default=None, help="default 0.03 (rbgm), 1 (linf)")
     p.add_argument("--lambda-min", type=float, default=None, help="default 0")
     p.add_argument("--lambda-max", type=float, default=None, help="default 0.3 (rbgm), 10 (linf)")
-    p.add_argument("--linf-eps", type=float, default=8 / 255, help="ADDT_linf budget on [0, 1] images")
-    p.add_argument("--linf-step", type=float, default=4 / 255)
+    p.add_argument("--linf-eps", type=float, default=None, help="--perturb linf: budget on [0, 1] images "
+                   "(default 8/255)")
+    p.add_argument("--linf-step", type=float, default=None, help="--perturb linf: step (default 4/255)")
     p.add_argument("--t-max", type=float, default=1.0,
                    help="train on t <= t_max * T only (a deviation from the paper's uniform t, for the quick "
                         "preset: purification only visits t <= t*); ddpm and vpsde")
@@ -106,6 +107,11 @@ def check_args(args):
     check_out_dir(args.out)
     check_device(args.device)
     args.perturb = args.perturb or ("none" if args.init == "scratch" else "rbgm")
+    check_flags_apply(args)
+    args.guidance = args.guidance or "ce"
+    args.cgpo_iters = 5 if args.cgpo_iters is None else args.cgpo_iters
+    args.linf_eps = 8 / 255 if args.linf_eps is None else args.linf_eps
+    args.linf_step = 4 / 255 if args.linf_step is None else args.linf_step
     unit, lo, hi = LAMBDA_DEFAULTS[args.perturb]
     args.lambda_unit = unit if args.lambda_unit is None else args.lambda_unit
     args.lambda_min = lo if args.lambda_min is None else args.lambda_min
@@ -135,6 +141,22 @@ def check_args(args):
         raise UserError(f"pass --{args.model} PATH with the pretrained model (for ddpm e.g. google/ddpm-cifar10-32 "
                         "from https://huggingface.co/google/ddpm-cifar10-32) or --init scratch")
     return args
+
+
+def check_flags_apply(args):
+    """Flags that would be ignored are refused (a run must do what its flags say)."""
+    def given(*names):
+        return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+    for flag in ("ddpm", "vpsde", "edm"):
+        require(getattr(args, flag) is None or flag == args.model, f"--{flag} is the model of --model {flag}, not "
+                                                                  f"{args.model}")
+    if bad := given("linf_eps", "linf_step") if args.perturb != "linf" else []:
+        raise UserError(f"{', '.join(bad)}: for --perturb linf only, not {args.perturb}")
+    cgpo = given("guidance", "cgpo_iters", "lambda_unit", "lambda_min", "lambda_max")
+    if bad := cgpo if args.perturb == "none" else []:
+        raise UserError(f"{', '.join(bad)}: for CGPO's perturbation only, which --perturb none does not make")
+    if bad := given("arch", "classifier_norm") if not args.classifier else []:
+        raise UserError(f"{', '.join(bad)}: for --classifier only, which is not given")
 
 
 # ---------------------------------------------------------------- the families (paper eqs. 2, 4, 6, 7)
@@ -387,7 +409,12 @@ def export_ema(args, ema, out):
     from addt_diffusion import save_diffusion_model
     final, tmp, old = (os.path.join(out, n) for n in ("ema", "ema.tmp", "ema.old.tmp"))
     shutil.rmtree(tmp, ignore_errors=True)
-    save_diffusion_model(args.model, ema.model, tmp, step=ema.step)
+    try:
+        save_diffusion_model(args.model, ema.model, tmp, step=ema.step)
+    except OSError as e:  # a full disk: the previous export stays, the next checkpoint step tries again
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "; the previous export is intact" if os.path.exists(final) else ""
+        raise UserError(f"could not write {final}: {os_reason(e)}{kept}") from None
     for root, _, files in os.walk(tmp):  # normal modes: safetensors creates its files 0600
         for f in files:
             os.chmod(os.path.join(root, f), 0o644)
@@ -420,6 +447,7 @@ def read_checkpoint(path, args, world):
     require(isinstance(ckpt, dict) and {"model", "ema", "optimizer", "step", "args"} <= set(ckpt),
             f"{path} is not a train_addt.py checkpoint (a classifier checkpoint?); pass the --out of an ADDT run")
     check_same_run(ckpt["args"], args, world)
+    check_finite_weights({k: ckpt[k] for k in ("model", "ema", "optimizer")}, path)
     return ckpt
 
 
@@ -427,8 +455,7 @@ def trim_log(path, step):
     """Keep the log rows up to `step`: a run killed between checkpoints logged steps that resume repeats;
     a row cut by the kill is dropped."""
     rows = [r for r in read_jsonl(path, repair=True) if r["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))  # atomic: a full disk keeps the old log
 
 
 # ---------------------------------------------------------------- set-up and loop
@@ -452,11 +479,14 @@ def main(argv=None):
     set_dropout(net, args.dropout)
     family = FAMILIES[args.model](d.device, args.t_max)
     data = load_split(args.data, "train")
-    images, labels = data.images.to(d.device), data.labels.to(d.device)
     classifier = None
     if args.classifier:
-        classifier = prepare_model(load_classifier(args.classifier, arch=args.arch, num_classes=len(data.classes),
-                                                   norm=args.classifier_norm), d.device)
+        classifier = load_classifier(args.classifier, arch=args.arch, norm=args.classifier_norm)
+    check_models_fit(data, f"--data {args.data}", net, getattr(args, args.model) or f"of --init {args.init}",
+                     classifier, args.classifier)
+    images, labels = data.images.to(d.device), data.labels.to(d.device)
+    if classifier is not None:
+        classifier = prepare_model(classifier, d.device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     ema = EMA(net, args.ema_inv_gamma, args.ema_power, args.ema_max_decay)
     step, window = 0, []

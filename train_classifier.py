@@ -29,7 +29,7 @@ from addt_common import (Dist, Progress, UserError, atomic_save, autocast, check
                          check_out_dir, check_positive, check_range, format_seconds, load_checkpoint, lock_out,
                          markdown_table, refuse_overwrite, require, resolve_precision, run_main, sample_seed,
                          unlock_out, write_json)
-from addt_data import epoch_indices, load_split, random_crop_flip, shard, to_float
+from addt_data import check_fits, epoch_indices, load_split, random_crop_flip, shard, to_float
 from models import CIFAR10_MEAN, CIFAR10_STD, build_classifier, classifier_checkpoint
 
 
@@ -51,8 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut every epoch short (trials, tests)")
     p.add_argument("--eval-n", type=int, default=None, help="evaluate on the first N test images (default all)")
     p.add_argument("--eval-batch", type=int, default=500, help="per process")
-    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="fp32",
+                   help="fp32 (default, as every script); bf16 autocast is the fast path (auto: bf16 on CUDA, "
+                        "fp32 on CPU)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (the same flags)")
@@ -149,11 +150,11 @@ def sync_buffers(classifier, d):
             dist.broadcast(b, 0)
 
 
-def checkpoint(classifier, args, history, world, opt=None):
-    """One plain dict: models.classifier_checkpoint's keys plus the training state. No `rng` entry:
-    everything random is re-seeded from (seed, rank, epoch), so resuming needs no RNG state. Weights
-    with NaN or inf are never written."""
-    ckpt = {**classifier_checkpoint(classifier, args.arch), "epoch": len(history),
+def checkpoint(classifier, args, history, world, image_size, opt=None):
+    """One plain dict: models.classifier_checkpoint's keys (with the training images' size) plus the
+    training state. No `rng` entry: everything random is re-seeded from (seed, rank, epoch), so resuming
+    needs no RNG state. Weights with NaN or inf are never written."""
+    ckpt = {**classifier_checkpoint(classifier, args.arch, image_size), "epoch": len(history),
             "args": {**vars(args), "world": world}, "history": history}
     check_finite_weights(ckpt["model"], "the classifier being trained")
     if opt is not None:
@@ -175,6 +176,8 @@ def main(argv=None):
     train, test = load_split(args.data, "train"), load_split(args.data, "test")
     if train.classes != test.classes:  # an image folder whose test/ lacks a class would shift the labels
         raise UserError(f"{args.data}: the train split has classes {train.classes}, the test split {test.classes}")
+    check_fits(test, f"{args.data} (test)", "a classifier trained on its train split", size=train.images.shape[-2:])
+    image_size = train.images.shape[-2:]  # recorded in the checkpoints: data of another size is refused later
     train_x, train_y = train.images.to(d.device), train.labels.to(d.device)
     eval_n = len(test.labels) if args.eval_n is None else min(args.eval_n, len(test.labels))
     test_x, test_y = test.images[:eval_n].to(d.device), test.labels[:eval_n].to(d.device)
@@ -190,6 +193,7 @@ def main(argv=None):
         ckpt = load_checkpoint(ckpt_path, "classifier training checkpoint")
         if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "arch" not in ckpt:
             raise UserError(f"{ckpt_path} is not a train_classifier.py training checkpoint")
+        check_finite_weights({"model": ckpt["model"], "optimizer": ckpt["optimizer"]}, ckpt_path)
         if ckpt["arch"] != args.arch:
             raise UserError(f"{ckpt_path} holds a {ckpt['arch']} training checkpoint, not one of --arch "
                             f"{args.arch}; pass --arch {ckpt['arch']} or another --out")
@@ -232,7 +236,7 @@ def main(argv=None):
         history.append({"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                         "test_acc": test_acc, "images_per_s": seen / seconds})
         if d.master:
-            atomic_save(checkpoint(classifier, args, history, d.world, opt), ckpt_path)
+            atomic_save(checkpoint(classifier, args, history, d.world, image_size, opt), ckpt_path)
             eta = progress.elapsed / progress.done * (progress.total - progress.done)
             print(f"epoch {epoch + 1}/{args.epochs}  step {steps}/{steps}  loss {loss_sum / seen:.4f}  "
                   f"train acc {correct / seen:.2%}  test acc {test_acc:.2%}  {seen / seconds:.0f} img/s  "
@@ -245,7 +249,7 @@ def main(argv=None):
                "images_per_s": sum(h["images_per_s"] for h in history) / len(history),
                "history": history, "args": vars(args)}
     if d.master:
-        atomic_save(checkpoint(classifier, args, history, d.world), os.path.join(args.out, "classifier.pt"))
+        atomic_save(checkpoint(classifier, args, history, d.world, image_size), os.path.join(args.out, "classifier.pt"))
         write_json(os.path.join(args.out, "results.json"), results)
         row = {"arch": args.arch, "data": args.data, "epochs": len(history), "train loss": f"{last['train_loss']:.4f}",
                "train acc": f"{last['train_acc']:.2%}", "test acc": f"{last['test_acc']:.2%}",

@@ -17,14 +17,16 @@ Families and their default normalisation (applied by the wrapper, outside the ne
   state-dict           none: a bare ResNet-18/50 or VGG-16 state dict (ADDT feeds its r18 raw [0, 1] images)
   hf-vit               preprocessor_config.json's image_mean/image_std, else 0.5/0.5; bicubic resize to 224
 """
+import math
 import os
 import re
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from addt_common import UserError
+from addt_common import UserError, unreadable_reason
 from models import safe_pickle
 from models.dm_wrn import DMWideResNet, dm_arch
 from models.resnet import ResNet18, ResNet50
@@ -100,9 +102,10 @@ class Classifier(nn.Module):
     Resize on tensors before v0.17 (ADDT's ViT transform), antialias=True the same from v0.17 on and
     closer to PIL's bicubic (cubic coefficient -0.5 instead of -0.75) that ViTImageProcessor uses."""
 
-    def __init__(self, net, mean, std, size=None, antialias=False, info=None):
+    def __init__(self, net, mean, std, size=None, antialias=False, info=None, input_size=None):
         super().__init__()
         self.net = net
+        self.input_size = None if input_size is None else tuple(input_size)  # (H, W) trained on, when known
         # not persistent: checkpoints hold the bare net's state dict, with the stats as plain lists beside it
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -124,11 +127,41 @@ def build_classifier(arch, num_classes, mean=CIFAR10_MEAN, std=CIFAR10_STD):
     return Classifier(make_net(arch, num_classes), mean, std)
 
 
-def classifier_checkpoint(classifier, arch):
-    """The model part of our checkpoint format; train_classifier.py adds its training keys."""
-    return {"arch": arch, "num_classes": classifier.net.num_classes,
+def classifier_checkpoint(classifier, arch, image_size=None):
+    """The model part of our checkpoint format; train_classifier.py adds its training keys. image_size:
+    (H, W) of the training images, so that data of another size is refused (None: not recorded)."""
+    ckpt = {"arch": arch, "num_classes": classifier.net.num_classes,
             "mean": classifier.mean.flatten().tolist(), "std": classifier.std.flatten().tolist(),
             "model": classifier.net.state_dict()}
+    if image_size is not None:
+        ckpt["image_size"] = [int(v) for v in image_size]
+    return ckpt
+
+
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def check_ours(obj, path):
+    """The fields of our checkpoint format, checked before anything is built from them."""
+    def bad(key, want):
+        return UserError(f"classifier checkpoint {path}: {key} is {obj.get(key)!r}, not {want}; the file is "
+                         "damaged or not written by train_classifier.py")
+    if not isinstance(obj["arch"], str):
+        raise bad("arch", "an architecture name")
+    if not _positive_int(obj.get("num_classes")):
+        raise bad("num_classes", "a positive integer")
+    for key in ("mean", "std"):
+        v = obj.get(key)
+        numbers = isinstance(v, (list, tuple)) and len(v) == 3 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        if not (numbers and (key == "mean" or min(v) > 0)):
+            raise bad(key, "three finite numbers" + (" above 0" if key == "std" else ""))
+    size = obj.get("image_size")
+    if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_positive_int, size))):
+        raise bad("image_size", "[height, width]")
+    if not isinstance(obj["model"], dict):
+        raise bad("model", "a state dict")
 
 
 def guess_arch(sd):
@@ -198,14 +231,15 @@ def _read(path):
         raise UserError(f"classifier {path} is not a checkpoint: it is {'empty' if not head else 'a text file'}; "
                         "pass a .pt/.pth/.t7 checkpoint or a Hugging Face model folder")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 (any refusal: try the safe unpickler next)
-        error = e
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": safe_pickle reads those
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (any refusal: try the safe unpickler next)
+        pass
     try:
         return safe_pickle.load(path)
-    except Exception:  # noqa: BLE001
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"could not read classifier checkpoint {path}: {reason}") from None
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"could not read classifier checkpoint {path}: {unreadable_reason(path, e)}") from None
 
 
 def _check_weights(sd, path):
@@ -237,8 +271,10 @@ def _parts(path, arch):
         return _hf_vit(path)
     obj = _read(path)
     if isinstance(obj, dict) and "arch" in obj and "model" in obj:  # ours
+        check_ours(obj, path)
         net = make_net(obj["arch"], obj["num_classes"])
-        return obj["arch"], net, obj["model"], (obj["mean"], obj["std"], "checkpoint"), {"family": "ours"}
+        return (obj["arch"], net, obj["model"], (obj["mean"], obj["std"], "checkpoint"),
+                {"family": "ours", "input_size": obj.get("image_size")})
     if isinstance(obj, dict) and isinstance(obj.get("net"), safe_pickle.Stub):  # wide-resnet.pytorch's main.py
         try:
             sd, dropout_rate = t7_state_dict(obj["net"])
@@ -293,4 +329,5 @@ def load_classifier(path, arch=None, num_classes=None, norm=None):
     if norm is not None:
         norm = parse_norm(norm) if isinstance(norm, str) else norm
         mean, std, source = norm["mean"], norm["std"], "override"
-    return Classifier(net, mean, std, info={**info, "source": source}).eval()
+    input_size = info.pop("input_size", None)
+    return Classifier(net, mean, std, info={**info, "source": source}, input_size=input_size).eval()

@@ -17,7 +17,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 DDPM_CIFAR10_CONFIG = dict(
     sample_size=32, in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
@@ -318,6 +318,7 @@ class UNet(nn.Module):
         with open(os.path.join(path, "config.json.tmp"), "w") as f:
             json.dump({"_class_name": "UNet2DModel", **self.config}, f, indent=2)
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(sd, os.path.join(path, "diffusion_pytorch_model.safetensors.tmp"))
+        with open(os.path.join(path, "diffusion_pytorch_model.safetensors.tmp"), "wb") as f:
+            f.write(save(sd))  # a Python write: a full disk raises OSError (ENOSPC)
         for name in ("config.json", "diffusion_pytorch_model.safetensors"):  # rename last: never half-written
             os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
