@@ -678,8 +678,8 @@ def run_cells(args, todo, commands):
             t0 = time.time()
             rc, err = run_cell(args, name, commands[name], my_gpus, lock)
             with lock:
-                if rc != 0:
-                    failures.append((name, rc, err))
+                if rc != 0 or cell_status(args, name) != "done":  # torchrun exits 0 on a flag error (README)
+                    failures.append((name, rc, err or f"exit {rc} without {DONE_FILE[script_of(args.plan.cells[name])]}"))
                 else:
                     done.append(name)
                     print(f"cell {name}: finished in {format_seconds(time.time() - t0)} "

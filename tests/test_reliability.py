@@ -470,8 +470,8 @@ def test_train_classifier_records_the_image_size_and_defaults_to_fp32(inputs, tm
 NOT_APPLYING = [
     ("purify.py", ["--defense", "ddim", "--sampler", "ddpm"], "--sampler ddpm contradicts --defense ddim"),
     ("purify.py", ["--vpsde", "x"], "--vpsde applies to --defense vpsde, not ddpm"),
-    ("purify.py", ["--defense", "edm", "--ddpm", "x"], "--ddpm applies to --defense ddpm / ddim, not edm"),
-    ("attack.py", ["--defense", "none", "--ddpm", "x"], "--ddpm applies to --defense ddpm / ddim, not none"),
+    ("purify.py", ["--defense", "edm", "--ddpm", "x"], "--ddpm applies to --defense ddpm / ddim / gdmp, not edm"),
+    ("attack.py", ["--defense", "none", "--ddpm", "x"], "--ddpm applies to --defense ddpm / ddim / gdmp, not none"),
     ("train_addt.py", ["--linf-eps", "0.1"], "--linf-eps: for --perturb linf only, not rbgm"),
     ("train_addt.py", ["--perturb", "rbgm", "--linf-step", "0.01"], "--linf-step: for --perturb linf only"),
     ("train_addt.py", ["--perturb", "none", "--cgpo-iters", "2"], "--cgpo-iters: for CGPO's perturbation only"),
