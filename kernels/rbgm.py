@@ -11,8 +11,9 @@ with the sign bit set below -inf. float64 inputs are rounded to float32 first (m
 
 The sample is torch.randn from the caller's generator, sorted per row: the kernel sorts it in
 registers beside delta's keys (one program per row: two bitonic sorts and one scatter, nothing else
-touches memory), the reference with torch.sort. Sorting is exact and zeros are made +0.0 after it,
-so both paths return the same bits for the same generator state.
+touches memory), the reference with torch.sort. Both give the same sorted values; only -0.0 and +0.0
+compare equal (a bitonic compare-swap of the two keeps one of them twice), so both make zeros +0.0
+after sorting and return the same bits for the same generator state.
 
 Which path rbgm(use_kernel=None) takes on CUDA (the CPU always takes the reference): the kernel for
 rows of at most KERNEL_MAX_ROW = 1024 elements in batches of at most KERNEL_MAX_ELEMENTS = 2**20
@@ -86,7 +87,7 @@ def _order_key(x):
 
 
 def sort_rows(normal):
-    """Each row of the sample sorted, zeros as +0.0 (-0.0 == +0.0 leaves their order to the sort)."""
+    """Each row of the sample sorted, zeros as +0.0 (the kernel's sort may turn -0.0 into +0.0 or back)."""
     return normal.to(torch.float32).sort(dim=1).values + 0.0
 
 
