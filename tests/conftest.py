@@ -1,11 +1,24 @@
+import json
 import os
 import sys
 
 import torch
 
-# Triton kernels run under the interpreter on CPU; the variable must be set before triton is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# The device the Triton kernels run on in the tests, chosen here only: compiled, on CUDA, when there is
+# a GPU (and TRITON_INTERPRET is not on); else under Triton's interpreter on the CPU. A compiled kernel
+# cannot read CPU tensors nor the interpreter CUDA ones, so the device and the flag are chosen together,
+# before triton is imported, and every launch is checked against them (fixture kernel_launches).
+# ADDT_KERNEL_TEST_DEVICE=meta is the dry run of a CUDA machine on a CPU (test_kernels_compile.py): the
+# interpreter stays off, kernel tests put their tensors on "meta" (no data), and launches are checked and
+# logged (ADDT_KERNEL_LAUNCH_LOG), not run.
+if os.environ.get("ADDT_KERNEL_TEST_DEVICE") == "meta":
+    os.environ.pop("TRITON_INTERPRET", None)
+    KERNEL_DEVICE = "meta"
+elif torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "").lower() not in ("1", "true", "on"):
+    KERNEL_DEVICE = "cuda"
+else:
+    os.environ["TRITON_INTERPRET"] = "1"
+    KERNEL_DEVICE = "cpu"
 # The test models are tiny: one thread per process avoids OpenMP threads spinning against each other
 # when several processes (torchrun tests) share the 2 cores; subprocesses inherit the variable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -18,6 +31,60 @@ import subprocess  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernel: the test must launch a Triton kernel (on kernel_device)")
+
+
+@pytest.fixture(scope="session")
+def kernel_device():
+    """Where kernel tests put the tensors they hand to a kernel: "cuda", "cpu" (interpreter) or "meta" (dry run)."""
+    return KERNEL_DEVICE
+
+
+@pytest.fixture(scope="session")
+def kernel_generator():
+    """kernel_generator(seed): a generator on kernel_device (None in the dry run: meta has none)."""
+    return lambda seed: None if KERNEL_DEVICE == "meta" else torch.Generator(KERNEL_DEVICE).manual_seed(seed)
+
+
+class _CheckedKernel:
+    """Stands in for a Triton kernel: kernel[grid](*args) records the device types of the tensor
+    arguments, asserts they are [KERNEL_DEVICE], then launches (in the dry run: nothing to compute)."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            devices = sorted({a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)})
+            self.launches.append([self.name, devices])
+            assert devices == [KERNEL_DEVICE], f"{self.name} got tensors on {devices}, kernels run on {KERNEL_DEVICE}"
+            return None if KERNEL_DEVICE == "meta" else self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture(autouse=True)
+def kernel_launches(request, monkeypatch):
+    """Every launch of a kernel of kernels/ (modules loaded by addt_common.load_kernel) goes through
+    _CheckedKernel; a test marked `kernel` must launch at least one. Returns the list of launches."""
+    launches = []
+    if "triton" in sys.modules:
+        from triton.runtime.jit import KernelInterface
+        for name, module in list(sys.modules.items()):
+            if name.startswith("addt_kernels."):
+                for attr, fn in list(vars(module).items()):
+                    if isinstance(fn, KernelInterface):
+                        monkeypatch.setattr(module, attr, _CheckedKernel(fn, attr, launches))
+    yield launches
+    if os.environ.get("ADDT_KERNEL_LAUNCH_LOG"):
+        with open(os.environ["ADDT_KERNEL_LAUNCH_LOG"], "a") as f:
+            f.write(json.dumps({"test": request.node.nodeid, "kernel": bool(request.node.get_closest_marker("kernel")),
+                                "device": KERNEL_DEVICE, "interpret": os.environ.get("TRITON_INTERPRET"),
+                                "launches": launches}) + "\n")
+    if request.node.get_closest_marker("kernel"):
+        assert launches, "a test marked kernel launched no kernel"
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Fused DDPM/DDIM reverse step: kernel (Triton interpreter on CPU) against the torch reference."""
+"""Fused DDPM/DDIM reverse step: kernel (on kernel_device: CUDA, or the Triton interpreter on CPU) against
+the torch reference, which runs on the CPU as the oracle."""
 import pytest
 import torch
 
@@ -32,18 +33,26 @@ def _inputs(shape, x_dtype, eps_dtype, g, with_z=True):
     return x.to(x_dtype), eps.to(eps_dtype), (z.to(x_dtype) if with_z else None)
 
 
-def _run(fn, x, eps, z, coefs, gout):
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, eps, z)]
+def _run(fn, x, eps, z, coefs, gout, device="cpu"):
+    """fn's output and input gradients for gradient gout, computed on device, returned on the CPU."""
+    leaves = [t.detach().to(device).requires_grad_() if t is not None else None for t in (x, eps, z)]
+    coefs = [c.to(device) if isinstance(c, torch.Tensor) else c for c in coefs]
     out = fn(*leaves, *coefs)
-    out.backward(gout)
-    return out.detach(), [t.grad if t is not None else None for t in leaves]
+    out.backward(gout.to(device))
+    # moved back only after both launches (the dry run's meta tensors cannot come back)
+    return out.detach().cpu(), [t.grad.cpu() if t is not None else None for t in leaves]
 
 
+def fused(*args):
+    return reverse_step(*args, use_kernel=True)
+
+
+@pytest.mark.kernel
 @needs_triton
 @pytest.mark.parametrize("shape", [(3, 3, 5, 7), (2, 3, 8, 8)])
 @pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_z", [True, False])
-def test_kernel_matches_reference(shape, eps_dtype, with_z):
+def test_kernel_matches_reference(shape, eps_dtype, with_z, kernel_device):
     g = torch.Generator().manual_seed(0)
     x, eps, z = _inputs(shape, torch.float32, eps_dtype, g, with_z)
     coefs = _coefs(shape[0], g)
@@ -52,7 +61,7 @@ def test_kernel_matches_reference(shape, eps_dtype, with_z):
     assert u.tolist() == [1.0, -1.0, 1.5, -1.5]  # the boundary cases really are there
     gout = torch.randn(shape, generator=g)
     ref, ref_grads = _run(step_reference, x, eps, z, coefs, gout)
-    out, grads = _run(lambda *t: reverse_step(*t, use_kernel=True), x, eps, z, coefs, gout)
+    out, grads = _run(fused, x, eps, z, coefs, gout, kernel_device)
     assert out.dtype == x.dtype
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
     for got, want, inp in zip(grads, ref_grads, (x, eps, z)):
@@ -68,13 +77,14 @@ def test_kernel_matches_reference(shape, eps_dtype, with_z):
     torch.testing.assert_close(geps0, go * torch.tensor([ce - c0 * b] * 2 + [ce] * 2), **TOL[eps_dtype])
 
 
+@pytest.mark.kernel
 @needs_triton
-def test_bf16_x_and_z():
+def test_bf16_x_and_z(kernel_device):
     g = torch.Generator().manual_seed(1)
     x, eps, z = _inputs((2, 3, 5, 7), torch.bfloat16, torch.bfloat16, g)
     coefs, gout = _coefs(2, g), torch.randn(2, 3, 5, 7, generator=g).bfloat16()
     ref, ref_grads = _run(step_reference, x, eps, z, coefs, gout)
-    out, grads = _run(lambda *t: reverse_step(*t, use_kernel=True), x, eps, z, coefs, gout)
+    out, grads = _run(fused, x, eps, z, coefs, gout, kernel_device)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref, **TOL[torch.bfloat16])
     for got, want in zip(grads, ref_grads):
@@ -82,33 +92,64 @@ def test_bf16_x_and_z():
         torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
 
 
+@pytest.mark.kernel
 @needs_triton
 @pytest.mark.parametrize("ddim,last", [(True, False), (False, True), (True, True)])
-def test_ddim_and_last_step(ddim, last):
+def test_ddim_and_last_step(ddim, last, kernel_device):
     """DDIM has cx = 0; the last step has s = 0 (z may still be passed, or be None)."""
     g = torch.Generator().manual_seed(2)
     x, eps, z = _inputs((3, 3, 5, 7), torch.float32, torch.float32, g, with_z=not last)
     coefs, gout = _coefs(3, g, s_zero=last, ddim=ddim), torch.randn(3, 3, 5, 7, generator=g)
     ref, ref_grads = _run(step_reference, x, eps, z, coefs, gout)
-    out, grads = _run(lambda *t: reverse_step(*t, use_kernel=True), x, eps, z, coefs, gout)
+    out, grads = _run(fused, x, eps, z, coefs, gout, kernel_device)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
     for got, want in zip(grads, ref_grads):
         if want is not None:
             torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
+@pytest.mark.kernel
 @needs_triton
-def test_channels_last():
+def test_channels_last(kernel_device):
     g = torch.Generator().manual_seed(3)
     x, eps, z = _inputs((2, 3, 8, 8), torch.float32, torch.float32, g)
     coefs, gout = _coefs(2, g), torch.randn(2, 3, 8, 8, generator=g)
     cl = [t.to(memory_format=torch.channels_last) for t in (x, eps, z)]
     ref, ref_grads = _run(step_reference, x, eps, z, coefs, gout)
-    out, grads = _run(lambda *t: reverse_step(*t, use_kernel=True), *cl, coefs,
-                      gout.to(memory_format=torch.channels_last))
+    out, grads = _run(fused, *cl, coefs, gout.to(memory_format=torch.channels_last), kernel_device)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.kernel
+@needs_triton
+@pytest.mark.parametrize("kind", ["schedule row", "python numbers"])
+def test_shared_coefficients(kind, kernel_device):
+    """The samplers pass one step's row of the schedule: six 0-dim views of one (6,) tensor on the device
+    (the kernel's shared-coefficient variant); python numbers work too."""
+    g = torch.Generator().manual_seed(6)
+    x, eps, z = _inputs((3, 3, 5, 7), torch.float32, torch.bfloat16, g)
+    row = torch.stack([c[1] for c in _coefs(3, g)])
+    row[0], row[1] = 2.0, 1.0  # a = 2, b = 1 put sample 0's first elements on the clip bounds (_inputs)
+    gout = torch.randn(3, 3, 5, 7, generator=g)
+    ref, ref_grads = _run(step_reference, x, eps, z, list(row), gout)
+    coefs = list(row.to(kernel_device)) if kind == "schedule row" else row.tolist()
+    out, grads = _run(fused, x, eps, z, coefs, gout, kernel_device)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    for got, want, inp in zip(grads, ref_grads, (x, eps, z)):
+        torch.testing.assert_close(got, want, **TOL[inp.dtype])
+
+
+def test_coef_table():
+    """Scalars give the (6,) vector, any per-sample coefficient the (6, N) table (scalars broadcast)."""
+    x = torch.zeros(3, 2)
+    row = torch.arange(6.0)
+    assert torch.equal(ddpm_step._coef_table(tuple(row), x), row)
+    assert torch.equal(ddpm_step._coef_table((0, 1, 2.0, 3, 4, 5), x), row)
+    mixed = ddpm_step._coef_table((torch.tensor([7.0, 8.0, 9.0]), *row[1:]), x)
+    assert mixed.shape == (6, 3) and mixed.is_contiguous() and mixed.stride(0) == 3
+    assert torch.equal(mixed[0], torch.tensor([7.0, 8.0, 9.0])) and torch.equal(mixed[1:, 2], row[1:])
 
 
 def test_reference_gradcheck():

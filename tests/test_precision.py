@@ -19,8 +19,7 @@ from addt_diffusion import ddpm_purifier, ddpm_purify, diffuse, linear_alpha_bar
 from models import build_classifier
 from models.unet import UNet
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="no CUDA device: the CPU variant ran"))]
+DEVICES = ["cpu", "cuda"]  # the scripts' CPU path (torch reference) and, when kernels run there, CUDA (fused step)
 UNET_BF16_REL_L2 = 3e-2  # per image, t = 0, 20, 100, 500, 999; measured <= 1.51e-2
 PURIFY_BF16_MAX_ABS = 1e-2  # [0, 1] image space, NFE 5; measured <= 4.4e-3 (about one 8-bit level)
 GRAD_BF16_MIN_COS = 0.97  # per image, EoT 2, NFE 5; measured >= 0.989
@@ -28,6 +27,14 @@ GRAD_BF16_MIN_COS = 0.97  # per image, EoT 2, NFE 5; measured >= 0.989
 # output of magnitude ~1.5). CUDA: not measured; cuDNN may pick another algorithm per layout (Winograd,
 # FFT) with fp32 errors near 1e-5 relative, hence the looser bound.
 LAYOUT_TOL = {"cpu": 1e-5, "cuda": 1e-4}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, kernel_device):
+    """The CUDA variants run where conftest.py puts the kernels on CUDA, else they are skipped."""
+    if request.param == "cuda" and kernel_device != "cuda":
+        pytest.skip(f"kernels run on {kernel_device}: the CPU variant ran")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +74,6 @@ def noisy_batch(device, n=10):
     return diffuse(x, eps, linear_alpha_bar().to(device)[t].view(-1, 1, 1, 1)), t
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_unet_bf16_relative_error(models, device):
     unet, = on(device, models[0])
     x_t, t = noisy_batch(device)
@@ -80,7 +86,6 @@ def test_unet_bf16_relative_error(models, device):
     assert 0 < rel < UNET_BF16_REL_L2  # > 0: autocast really ran in bf16
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_purification_bf16_max_error(models, device):
     unet, = on(device, models[0])
     x, sched, eps, zs = inputs(device)
@@ -93,7 +98,6 @@ def test_purification_bf16_max_error(models, device):
     assert 0 < err < PURIFY_BF16_MAX_ABS
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_attack_gradient_bf16_cosine(models, device):
     """Defense.eot_gradient at precision bf16 and fp32: the whole attack path, checkpointing included."""
     unet, clf = on(device, *models)
@@ -106,7 +110,6 @@ def test_attack_gradient_bf16_cosine(models, device):
     assert cos.min() > GRAD_BF16_MIN_COS, cos
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_compile_matches_eager(models, device):
     """torch.compile of the UNet forward only (about 40 s to compile on one CPU thread; the gradient
     graph would double that), through prepare_model as the scripts use it."""
@@ -120,7 +123,6 @@ def test_compile_matches_eager(models, device):
     assert (out - ref).abs().max() < LAYOUT_TOL[device]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_channels_last_purification(models, device):
     unet, = on(device, models[0])
     unet_cl = prepare_model(copy.deepcopy(models[0]), torch.device(device), channels_last=True)
