@@ -16,8 +16,8 @@ compare equal (a bitonic compare-swap of the two keeps one of them twice), so bo
 after sorting and return the same bits for the same generator state.
 
 Which path rbgm(use_kernel=None) takes on CUDA (the CPU always takes the reference): the kernel for
-rows of at most KERNEL_MAX_ROW = 1024 elements in batches of at most KERNEL_MAX_ELEMENTS = 2**20
-elements, the reference otherwise (kernel_path). Measured on an H200 (torch 2.11, triton 3.6) before
+rows of at most MAX_ROW = 1024 elements (32x32 images; the kernel handles no longer rows) in batches of at
+most KERNEL_MAX_ELEMENTS = 2**20 elements, the reference otherwise (kernel_path). Measured on an H200 (torch 2.11, triton 3.6) before
 the kernel sorted the sample (torch drew a sorted sample, the kernel only mapped it): 1.64x the
 reference at 128x3x32x32, 1.01x at 1024x3x32x32, 0.73x at 64x3x64x64. Small batches are bound by
 launches: the reference runs about 12 torch kernels, the kernel path 2 (randn and the kernel). Large
@@ -36,8 +36,7 @@ try:  # triton is optional: the reference path must work without it
 except ImportError:
     triton = None
 
-MAX_ROW = 4096  # 64x64 (Tiny-ImageNet); one row is sorted in registers by one program
-KERNEL_MAX_ROW = 1024  # use_kernel=None: longer rows take the reference
+MAX_ROW = 1024  # 32x32; one row is sorted in registers by one program (64x64 rows: the reference, faster there)
 KERNEL_MAX_ELEMENTS = 2 ** 20  # use_kernel=None: larger batches take the reference
 
 
@@ -62,7 +61,7 @@ if triton is not None:
 
 
 def _num_warps(block):
-    """Four values of a row per thread, at most 8 warps (16 values at BLOCK 4096): the sort is bound by
+    """Four values of a row per thread, at most 8 warps: the sort is bound by
     the latency of its shuffles and barriers, so a short chain per warp matters more than the total."""
     return min(8, max(1, block // 128))
 
@@ -113,7 +112,7 @@ def _kernel_device(delta):
 
 def kernel_path(rows, n):
     """Whether rbgm(use_kernel=None) takes the kernel for `rows` rows of n elements on CUDA (module docstring)."""
-    return n <= KERNEL_MAX_ROW and rows * n <= KERNEL_MAX_ELEMENTS
+    return n <= MAX_ROW and rows * n <= KERNEL_MAX_ELEMENTS
 
 
 def rbgm(delta, generator=None, use_kernel: bool | None = None):
