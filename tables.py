@@ -397,18 +397,24 @@ def table_8(plan):
             plan.rows.append({"labels": [method, f"{nfe}{'*' if nfe == default else ''}"], "entries": entries})
 
 
-def table_9(plan):
-    plan.row_header = ["Type"]
-    variants = [("vanilla", "vanilla EDM-SDE", 6.0), ("vanilla", "vanilla EDM-ODE", 0.0),
-                ("addt", "ours EDM-SDE", 6.0), ("addt", "ours EDM-ODE", 0.0)]
-    plan.columns = ["Vanilla DP_EDM-SDE", "Vanilla DP_EDM-ODE", "Ours DP_EDM-SDE", "Ours DP_EDM-ODE"]
+def variant_rows(plan, table, family, variants):
+    """Rows Clean, l_inf, l_2 with one column per variant (model, paper column, plan.cell keywords); the clean
+    number from the l_inf cell, else the l_2 one."""
     for row, norm in (("clean", None), ("linf", "linf"), ("l2", "l2")):
         entries = []
-        for model, col, churn in variants:
-            cells = {nm: plan.cell("edm", model, nm, churn=churn) for nm in NORMS}
+        for model, col, kw in variants:
+            cells = {nm: plan.cell(family, model, nm, **kw) for nm in NORMS}
             cell = cells[norm] if norm else (cells["linf"] or cells["l2"])
-            entries.append(plan.entry(cell, "robust" if norm else "clean", paper_value(plan.paper, 9, col, row=row)))
+            entries.append(plan.entry(cell, "robust" if norm else "clean", paper_value(plan.paper, table, col, row=row)))
         plan.rows.append({"labels": [{"clean": "Clean", "linf": "l_inf", "l2": "l_2"}[row]], "entries": entries})
+
+
+def table_9(plan):
+    plan.row_header = ["Type"]
+    plan.columns = ["Vanilla DP_EDM-SDE", "Vanilla DP_EDM-ODE", "Ours DP_EDM-SDE", "Ours DP_EDM-ODE"]
+    variant_rows(plan, 9, "edm", [("vanilla", "vanilla EDM-SDE", {"churn": 6.0}),
+                                  ("vanilla", "vanilla EDM-ODE", {"churn": 0.0}),
+                                  ("addt", "ours EDM-SDE", {"churn": 6.0}), ("addt", "ours EDM-ODE", {"churn": 0.0})])
 
 
 def table_6(plan):
@@ -428,16 +434,10 @@ def table_6(plan):
 def table_10(plan):
     """DiffPure's VP-SDE with and without the extra Langevin corrector (appendix G), vanilla vs ADDT."""
     plan.row_header = ["Type"]
-    variants = [("vanilla", "vanilla", None), ("vanilla", "extra corrector", "langevin"),
-                ("addt", "ADDT", None), ("addt", "ADDT + extra corrector", "langevin")]
     plan.columns = ["Vanilla", "Extra Corrector", "ADDT", "ADDT + Extra Corrector"]
-    for row, norm in (("clean", None), ("linf", "linf"), ("l2", "l2")):
-        entries = []
-        for model, col, corrector in variants:
-            cells = {nm: plan.cell("vpsde", model, nm, corrector=corrector) for nm in NORMS}
-            cell = cells[norm] if norm else (cells["linf"] or cells["l2"])
-            entries.append(plan.entry(cell, "robust" if norm else "clean", paper_value(plan.paper, 10, col, row=row)))
-        plan.rows.append({"labels": [{"clean": "Clean", "linf": "l_inf", "l2": "l_2"}[row]], "entries": entries})
+    langevin = {"corrector": "langevin"}
+    variant_rows(plan, 10, "vpsde", [("vanilla", "vanilla", {}), ("vanilla", "extra corrector", langevin),
+                                     ("addt", "ADDT", {}), ("addt", "ADDT + extra corrector", langevin)])
     plan.notes.append("Extra corrector: attack.py --corrector langevin (snr 0.16, one Langevin step before each "
                       "Euler step; 200 network calls per purification). Vanilla and ADDT equal table 2's DiffPure cells.")
 
