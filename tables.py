@@ -376,6 +376,20 @@ def table_3(plan):
     plan.notes.append("DP_DDIM-100 is n = 100, NFE 10 (its WRN-28-10 row equals table 5's NFE 10 row).")
 
 
+def table_6(plan):
+    """Tiny-ImageNet: DP_DDPM-1000 (NFE 100) and DP_DDIM-100 (n = 100: NFE 10), vanilla vs ADDT, 64x64 models."""
+    plan.row_header, plan.columns = ["Method"], six_columns()
+    classifier_row(plan, 6, ["-"], {"method": "-"})
+    for method, family, nfe in (("DP_DDPM-1000", "ddpm", 100), ("DP_DDIM-100", "ddim", 10)):
+        entries = []
+        for model, prefix in (("vanilla", "vanilla"), ("addt", "ours")):
+            entries += plan.triple(6, prefix, family, model, nfe=nfe, key={"method": method})
+        plan.rows.append({"labels": [method], "entries": entries})
+    if plan.args.dataset != "Tiny-ImageNet":
+        plan.notes.append(f"table 6 reports Tiny-ImageNet; these cells ran on {plan.args.dataset} "
+                          "(pass --data tinyimagenet with Tiny-ImageNet models and classifier)")
+
+
 def table_7(plan):
     """FID of the DDPM: vanilla, fine-tuned without perturbation, ADDT (RBGM) and ADDT_linf."""
     plan.row_header, plan.columns = [""], ["Vanilla", "Clean Fine-tune", "Ours", "Ours l_inf"]
@@ -415,20 +429,6 @@ def table_9(plan):
     variant_rows(plan, 9, "edm", [("vanilla", "vanilla EDM-SDE", {"churn": 6.0}),
                                   ("vanilla", "vanilla EDM-ODE", {"churn": 0.0}),
                                   ("addt", "ours EDM-SDE", {"churn": 6.0}), ("addt", "ours EDM-ODE", {"churn": 0.0})])
-
-
-def table_6(plan):
-    """Tiny-ImageNet: DP_DDPM-1000 (NFE 100) and DP_DDIM-100 (n = 100: NFE 10), vanilla vs ADDT, 64x64 models."""
-    plan.row_header, plan.columns = ["Method"], six_columns()
-    classifier_row(plan, 6, ["-"], {"method": "-"})
-    for method, family, nfe in (("DP_DDPM-1000", "ddpm", 100), ("DP_DDIM-100", "ddim", 10)):
-        entries = []
-        for model, prefix in (("vanilla", "vanilla"), ("addt", "ours")):
-            entries += plan.triple(6, prefix, family, model, nfe=nfe, key={"method": method})
-        plan.rows.append({"labels": [method], "entries": entries})
-    if plan.args.dataset != "Tiny-ImageNet":
-        plan.notes.append(f"table 6 reports Tiny-ImageNet; these cells ran on {plan.args.dataset} "
-                          "(pass --data tinyimagenet with Tiny-ImageNet models and classifier)")
 
 
 def table_10(plan):
