@@ -91,7 +91,8 @@ FULL = dict(name="full", unet=DDPM_CIFAR10_CONFIG, classifier="wrn-28-10", unet_
 # timed on the official-style path only (a third of a gradient elsewhere: about 3 % of an attack's time)
 CHECK = dict(FULL, name="check", repeats=3, long_repeats=1, eval="official",
              attack_rows=[r for r in ATTACK_ROWS if r[0] != "fast, eager"])  # the levers part times that one
-# small: every attack row with --chunk 8 (the CPU would spend minutes on chunks of 64 of the tiny models)
+# small: attack rows without a --chunk of their own get --chunk 8 (the CPU would spend minutes on chunks
+# of 64 of the tiny models)
 SMALL = dict(name="small", unet=attack.TINY_UNET_CONFIG, classifier="wrn-10-1", unet_batch=8, eot=2, addt_batch=8,
              rbgm_shapes=[(128, 3, 32, 32), (16, 3, 64, 64)], step_shape=(64, 3, 32, 32), repeats=3,
              long_repeats=2, eval="all", families=FAMILIES_SMALL, chunk=8, attack_rows=ATTACK_ROWS)
@@ -143,6 +144,9 @@ def parse_args(argv=None):
                 f"--pack-data: {args.pack_data[0]} holds no train.zip and test.zip")
         check_out_dir(args.pack_data[1])
         return args
+    # the parts run with the repository as their working directory: paths are made absolute first
+    args.check_out, args.check_data, args.check_models = map(os.path.abspath, (args.check_out, args.check_data,
+                                                                               args.check_models))
     if args.check_prepare:
         check_out_dir(args.check_models)
         return args
@@ -351,8 +355,8 @@ def official_row(family, model, classifier, size, device, repeats):
 
 def family_args(family, size, flags, device=None):
     """attack.py's parsed flags for a family at this size (what `python attack.py ...` would run)."""
-    argv = ["--defense", family, *size["families"][family]["flags"], "--eot", str(size["eot"]), *flags,
-            *(["--chunk", str(size["chunk"])] if size.get("chunk") else [])]
+    small_chunk = ["--chunk", str(size["chunk"])] if size.get("chunk") and "--chunk" not in flags else []
+    argv = ["--defense", family, *size["families"][family]["flags"], "--eot", str(size["eot"]), *flags, *small_chunk]
     return attack.parse_args(argv + (["--device", str(device)] if device else []))
 
 
