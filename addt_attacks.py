@@ -61,6 +61,8 @@ CLEAN, ATTACK, EVAL, FIXED, SEMI, SEMI_PICK, START, CHECK = range(8)
 STAGE_NAMES = {CLEAN: "clean evaluation", ATTACK: "attack", EVAL: "evaluation", CHECK: "APGD's clean check"}
 BUDGETS = {"linf": 8 / 255, "l2": 0.5}  # default eps on [0, 1] images
 CHECKPOINT_SAFETY = 2.0  # "auto" checkpoints when 2 x the graph of one chunk exceeds the free memory
+AUTO_CHUNK_MAX = {"cuda": 4096, "cpu": 64}  # chunk 'auto': at most this (the CPU gains nothing from more)
+PROBE_PIPELINES = 2  # pipelines that memory_estimate runs forward (eagerly) to measure the graph
 
 
 class NonFiniteError(ValueError):
@@ -132,28 +134,43 @@ def available_memory(device):
     return None
 
 
+def fit_chunk(per_pipeline, free, cap):
+    """The largest chunk whose gradient (per_pipeline bytes each) fits CHECKPOINT_SAFETY times into `free`
+    bytes: at most `cap`, at least 1, a multiple of 64 from 128 on (sizes the GPU runs well)."""
+    n = cap if free is None else int(free / (CHECKPOINT_SAFETY * max(per_pipeline, 1)))
+    n = max(1, min(cap, n))
+    return n - n % 64 if n >= 128 else n
+
+
 class Defense:
     """classifier(purifier(x, noise)) for pipelines (image index, stage, step, draw), with the noise of
     each pipeline keyed by the setting. purifier None attacks the bare classifier.
 
     precision: 'fp32' (default, as the official code) or 'bf16' (autocast).
-    grad_checkpoint: True / False / 'auto' (also 'on' / 'off'): recompute each network call of the
-    purifier in the backward pass (purifiers with a `grad_checkpoint` attribute, as ours), trading
-    about 2x time for memory that grows by one image tensor per step only. 'auto' decides once, at the
-    first gradient: it counts the bytes autograd would save for the backward of one chunk (one forward
-    of the first chunk under a saved-tensors hook that counts and drops them) and checkpoints when
-    CHECKPOINT_SAFETY times that exceeds the available memory. The decision is in `checkpoint_info`."""
+    grad_checkpoint: True / False / 'auto' / 'selective' (also 'on' / 'off'): recompute each network call
+    of the purifier in the backward pass (purifiers with a `grad_checkpoint` attribute, as ours), trading
+    about 2x time for memory that grows by one image tensor per step only; 'selective' keeps the outputs
+    of convolutions, matmuls and attention and recomputes only the cheap ops between them. 'auto' decides
+    once, at the first gradient, from memory_estimate: it checkpoints when CHECKPOINT_SAFETY times the
+    graph of one chunk exceeds the available memory. The decision is in `checkpoint_info`.
+
+    chunk: pipelines per forward/backward, or 'auto': sized at the first gradient from the available
+    memory and memory_estimate (at most AUTO_CHUNK_MAX of the device type); then fixed (`chunk_info`).
+    Numbers depend on the chunk (never on how many pipelines are asked for at once), so a run records it."""
 
     def __init__(self, purifier, classifier, setting="white-box", seed=0, semi_n=128, chunk=64,
                  precision="fp32", grad_checkpoint="auto"):
         if setting not in SETTINGS:
             raise ValueError(f"unknown setting {setting!r}: one of {SETTINGS}")
         grad_checkpoint = {"on": True, "off": False}.get(grad_checkpoint, grad_checkpoint)
-        if grad_checkpoint not in (True, False, "auto"):
-            raise ValueError(f"grad_checkpoint must be True, False or 'auto', not {grad_checkpoint!r}")
+        if grad_checkpoint not in (True, False, "auto", "selective"):
+            raise ValueError(f"grad_checkpoint must be True, False, 'auto' or 'selective', not {grad_checkpoint!r}")
+        if chunk != "auto" and not (isinstance(chunk, int) and chunk >= 1):
+            raise ValueError(f"chunk must be a positive int or 'auto', not {chunk!r}")
         self.purifier, self.classifier, self.setting, self.seed = purifier, classifier, setting, seed
         self.semi_n, self.chunk, self.precision, self.grad_checkpoint = semi_n, chunk, precision, grad_checkpoint
         self.checkpoint_info = None  # filled at the first gradient
+        self.chunk_info = None if chunk == "auto" else {"request": chunk, "chunk": chunk}
 
     # ------------------------------------------------------------ which noise each pipeline gets
 
@@ -176,46 +193,126 @@ class Defense:
         return KeyedNoise(torch.tensor([k[0] for k in keys], device=device),
                           torch.tensor([k[1] for k in keys], device=device), keys[0][2])
 
-    # ------------------------------------------------------------ gradient checkpointing
+    # ------------------------------------------------------------ memory: checkpointing and the chunk
 
     @property
     def checkpointing(self):
-        """Whether gradients recompute the purifier's network calls (None before 'auto' has decided)."""
+        """Whether gradients recompute the purifier's network calls: False, True or 'selective' (None
+        before 'auto' has decided)."""
         return None if self.checkpoint_info is None else self.checkpoint_info["on"]
 
-    def saved_bytes(self, x, pipes, stage, eot=1):
-        """Bytes autograd saves for the backward of classifier(purifier(x)) without checkpointing, counted
-        during one forward that keeps none of them. Frozen weights and other constants are not counted
-        (they are not copies); activations, masks and indices are."""
-        total = 0
+    def memory_estimate(self, x, pipes, stage, eot=1):
+        """Bytes per pipeline that the gradient of classifier(purifier(x)) holds, measured by running the
+        pipelines forward once on the EAGER networks (a torch.compile'd module keeps its saved tensors
+        inside its compiled graph, out of autograd's sight: the estimate, and every decision taken from
+        it, is that of the eager module, whatever the compilation; compiled graphs save less, not more).
+        A saved-tensors hook counts and drops what autograd would keep (frozen weights and other
+        constants are not copies and are not counted):
+          off        everything, without checkpointing
+          on         per-call checkpointing: what is saved outside the network calls, the inputs each
+                     checkpointed call keeps (x_t and its step noise), and one call's graph, rebuilt
+                     while the backward pass goes through it
+          selective  'on' plus the outputs of the convolutions, matmuls and attention of every call
+        with `calls`, the network calls counted."""
+        from addt_common import eager_module
+        from addt_diffusion import SAVED_OPS
+        from torch.utils._python_dispatch import TorchDispatchMode
+        p, purifier = len(pipes), self.purifier
+        net = eager_module(purifier.model) if hasattr(purifier, "model") else None
+        count = {"saved": 0, "calls": 0, "inputs": 0, "costly": 0, "inside": False}
 
         def pack(t):
-            nonlocal total
             if t.requires_grad or not t.is_floating_point():
-                total += t.numel() * t.element_size()
+                count["saved"] += t.numel() * t.element_size()
 
-        switch = self.purifier.grad_checkpoint
-        self.purifier.grad_checkpoint = False
-        try:
+        def enter(module, args):
+            count["calls"] += 1
+            count["inputs"] += args[0].numel() * args[0].element_size() if args and torch.is_tensor(args[0]) else 0
+            count["inside"] = True
+
+        def leave(module, args, out):
+            count["inside"] = False
+
+        class Costly(TorchDispatchMode):  # the outputs selective checkpointing would keep
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if count["inside"] and func in SAVED_OPS:
+                    count["costly"] += sum(o.numel() * o.element_size() for o in
+                                           (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(o))
+                return out
+
+        def forward(mode):
+            count["saved"] = 0
+            if switchable:
+                purifier.grad_checkpoint = mode
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
-                with self.autocast(x.device):
-                    x_pur = self.purifier(x.detach().requires_grad_(True), self.noise(pipes, stage, x.device, eot))
-                    self.classifier(x_pur.float())
-        finally:
-            self.purifier.grad_checkpoint = switch
-        return total
+                with self.autocast(x.device), (Costly() if not mode and net is not None else nullcontext()):
+                    x_pur = x.detach().requires_grad_(True)
+                    if purifier is not None:
+                        x_pur = purifier(x_pur, self.noise(pipes, stage, x.device, eot))
+                    eager_module(self.classifier)(x_pur.float())
+            return count["saved"]
 
-    def decide_checkpoint(self, x, pipes, stage, eot=1):
+        switchable = hasattr(purifier, "grad_checkpoint")
+        compiled, switch = getattr(purifier, "model", None), getattr(purifier, "grad_checkpoint", None)
+        hooks = [net.register_forward_pre_hook(enter), net.register_forward_hook(leave)] if net is not None else []
+        try:
+            if net is not None:
+                purifier.model = net
+            off = forward(False) / p
+            if net is None or not count["calls"]:  # no switch, or no network call seen: nothing to checkpoint
+                return {"off": off, "on": off, "selective": off, "calls": count["calls"], "probe_pipelines": p}
+            calls, inputs, costly = count["calls"], count["inputs"], count["costly"]
+            count["inside"] = False
+            outside = forward(True) / p
+        finally:
+            for h in hooks:
+                h.remove()
+            if net is not None:
+                purifier.model = compiled
+            if switchable:
+                purifier.grad_checkpoint = switch
+        on = outside + 2 * inputs / p + off / calls
+        return {"off": off, "on": on, "selective": on + costly / p, "calls": calls, "probe_pipelines": p}
+
+    def probe(self, x, pipes):
+        """The first PROBE_PIPELINES pipelines of a chunk: what memory_estimate runs."""
+        k = min(PROBE_PIPELINES, len(pipes))
+        return x[:k], pipes[:k]
+
+    def decide_chunk(self, x, pipes, stage, eot=1):
+        """'auto': the largest chunk that fits (fit_chunk), sized for the checkpointing asked for ('auto'
+        sizes it for per-call checkpointing, then decides as usual for that chunk)."""
+        est = self.memory_estimate(*self.probe(x, pipes), stage, eot)
+        free, cap = available_memory(x.device), AUTO_CHUNK_MAX.get(x.device.type, 64)
+        policy = {True: "on", False: "off", "auto": "on", "selective": "selective"}[self.grad_checkpoint]
+        self.chunk = fit_chunk(est[policy], free, cap)
+        self.chunk_info = {"request": "auto", "chunk": self.chunk, "sized_for_checkpoint": policy,
+                           "bytes_per_pipeline": est, "available_bytes": free, "safety": CHECKPOINT_SAFETY,
+                           "cap": cap}
+        return est
+
+    def decide_checkpoint(self, x, pipes, stage, eot=1, est=None):
+        """The checkpointing of every gradient: as asked, or for 'auto' from the estimate for a chunk of
+        self.chunk pipelines."""
         if not hasattr(self.purifier, "grad_checkpoint"):
             self.checkpoint_info = {"request": self.grad_checkpoint, "on": False,
                                     "reason": "the purifier has no grad_checkpoint switch"}
         elif self.grad_checkpoint != "auto":
             self.checkpoint_info = {"request": self.grad_checkpoint, "on": self.grad_checkpoint}
         else:
-            need, free = self.saved_bytes(x, pipes, stage, eot), available_memory(x.device)
+            est = est or self.memory_estimate(*self.probe(x, pipes), stage, eot)
+            need, free = self.chunk * est["off"], available_memory(x.device)
             self.checkpoint_info = {"request": "auto", "on": free is None or CHECKPOINT_SAFETY * need > free,
                                     "saved_bytes_per_chunk": need, "available_bytes": free,
-                                    "safety": CHECKPOINT_SAFETY}
+                                    "safety": CHECKPOINT_SAFETY, "bytes_per_pipeline": est}
+
+    def prepare(self, x, pipes, stage, eot=1):
+        """Size the chunk ('auto') and decide the checkpointing ('auto') before the first gradient, from the
+        pipelines (x, pipes) of a gradient (only their first PROBE_PIPELINES run, forward, eagerly)."""
+        est = self.decide_chunk(x, pipes, stage, eot) if self.chunk == "auto" else None
+        if self.checkpoint_info is None:
+            self.decide_checkpoint(x, pipes, stage, eot, est)
 
     # ------------------------------------------------------------ running pipelines
 
@@ -228,13 +325,15 @@ class Defense:
             if self.purifier is None:
                 return self.classifier(x).float()
             if hasattr(self.purifier, "grad_checkpoint"):
-                self.purifier.grad_checkpoint = bool(grad and self.checkpointing)
+                self.purifier.grad_checkpoint = self.checkpointing if grad and self.checkpointing else False
             x_pur = self.purifier(x, self.noise(pipes, stage, x.device, eot))
             return self.classifier(x_pur.float()).float()
 
     def run(self, x, y, pipes, stage, grad=False, loss_fn=ce_loss, eot=1):
         """(logits, per-pipeline loss, d loss / d x or None) of the pipelines, in chunks of exactly
         `chunk` (the last padded with copies of its first pipeline)."""
+        if self.chunk == "auto" or grad and self.checkpoint_info is None:
+            self.prepare(x, pipes, stage, eot)
         c = self.chunk
         logits, losses, grads = [], [], []
         for lo in range(0, len(pipes), c):
@@ -242,8 +341,6 @@ class Defense:
             pad = c - (hi - lo)
             x_c = torch.cat([x[lo:hi], x[lo:lo + 1].expand(pad, *x.shape[1:])]).detach()
             p_c = list(pipes[lo:hi]) + [pipes[lo]] * pad
-            if grad and self.checkpoint_info is None:
-                self.decide_checkpoint(x_c, p_c, stage, eot)
             with torch.set_grad_enabled(grad):
                 x_c.requires_grad_(grad)
                 out = self.logits(x_c, p_c, stage, grad, eot)[:hi - lo]
@@ -279,6 +376,8 @@ class Defense:
     def classifier_predict(self, x, idx):
         """The bare classifier's prediction (no purification), in the same chunks: the official
         `all_cls_acc`."""
+        if self.chunk == "auto":  # the run's one chunk, sized on this defence's pipelines
+            self.prepare(x, [(i, 0, 0) for i in idx], CLEAN)
         bare = Defense(None, self.classifier, chunk=self.chunk, precision=self.precision)
         return bare.predict(x, idx, CLEAN)[0].argmax(-1)
 

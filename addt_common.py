@@ -500,12 +500,27 @@ def markdown_table(rows, header):
     return "\n".join(lines)
 
 
-def prepare_model(model, device, channels_last=False, compile=False):
-    """Eval mode, frozen weights (attacks take gradients w.r.t. inputs only), on device."""
-    model = model.to(device).eval().requires_grad_(False)
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune"]
+
+
+def prepare_model(model, device, channels_last=False, compile=False, train=False):
+    """On device, in eval mode with frozen weights (attacks take gradients w.r.t. inputs only; train=True
+    keeps the mode and the weights' gradients), channels_last on request, and torch.compile'd when
+    `compile` is True or one of COMPILE_MODES ('reduce-overhead' adds CUDA graphs). The eager module
+    stays reachable as `eager_module(model)`: memory estimates run it (see addt_attacks.Defense)."""
+    model = model.to(device)
+    if not train:
+        model = model.eval().requires_grad_(False)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compile else model
+    if not compile:
+        return model
+    return torch.compile(model, mode=None if compile in (True, "default") else compile)
+
+
+def eager_module(model):
+    """The module a torch.compile'd one wraps (the module itself when it is not compiled)."""
+    return getattr(model, "_orig_mod", model)
 
 
 def resolve_precision(precision, device):

@@ -10,15 +10,16 @@ order the sampler uses them. A fresh generator, fixed tensors (`(eps, zs)` or a 
 attack's keyed noise (`KeyedNoise`) can stand behind it, so every attack setting works for every
 family and for a user's own purifier. Samplers draw their noise outside any checkpointed region.
 """
+import argparse
 import json
 import math
 import os
 from dataclasses import dataclass, replace
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from addt_common import UserError, keyed_normal, load_kernel, prepare_model, torch_save
+from addt_common import COMPILE_MODES, UserError, keyed_normal, load_kernel, prepare_model, torch_save
 from addt_data import check_fits, load_split
 from models import load_classifier
 
@@ -68,6 +69,31 @@ def as_noise(noise):
         eps, zs = noise
         return fixed_noise([eps, *zs])
     return fixed_noise(list(noise))
+
+
+# ---------------------------------------------------------------- activation checkpointing per network call
+
+# The outputs that selective checkpointing keeps: convolutions, matmuls and attention (the costly ops);
+# norms, activations and the other cheap ops between them are recomputed in the backward pass.
+_aten = torch.ops.aten
+SAVED_OPS = {getattr(_aten, name).default for name in (
+    "convolution", "mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu") if hasattr(_aten, name)}
+
+
+def _keep_costly(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpointed(mode, fn, *args):
+    """fn(*args) under torch's non-reentrant activation checkpointing: mode True recomputes the whole call
+    in the backward pass (memory: the call's inputs only), 'selective' keeps the outputs of SAVED_OPS and
+    recomputes the rest (less recomputation, more memory). Gradients equal plain autograd's."""
+    if mode == "selective":
+        return checkpoint(fn, *args, use_reentrant=False,
+                          context_fn=lambda: create_selective_checkpoint_contexts(_keep_costly))
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 # ---------------------------------------------------------------- DP_DDPM and DP_DDIM
@@ -191,7 +217,7 @@ def ddpm_purify(unet, x, sched, noise=None, grad_checkpoint=False, trace=None):
         if sched.noisy[i]:
             z, k = noise(k, x_t), k + 1
         if grad_checkpoint and torch.is_grad_enabled():
-            x_t = checkpoint(denoise_step, unet, x_t, t, z, coefs[i], use_reentrant=False)
+            x_t = checkpointed(grad_checkpoint, denoise_step, unet, x_t, t, z, coefs[i])
         else:
             x_t = denoise_step(unet, x_t, t, z, coefs[i])
         if trace is not None:
@@ -201,7 +227,8 @@ def ddpm_purify(unet, x, sched, noise=None, grad_checkpoint=False, trace=None):
 
 class Purifier:
     """purify(x, noise) of one family with its model and settings: what purify.py evaluates and attacks
-    differentiate. `grad_checkpoint` is switched on by attacks (per network call)."""
+    differentiate. `grad_checkpoint` is switched on by attacks (per network call): False, True or
+    'selective' (see checkpointed)."""
 
     def __init__(self, family, sample, model, info, **settings):
         self.family, self.sample, self.model, self.info, self.settings = family, sample, model, info, settings
@@ -335,12 +362,12 @@ def vpsde_purify(model, x, noise=None, t_star=0.1, beta_min=0.1, beta_max=20.0, 
         for j in range(corrector_steps if corrector else 0):
             z = noise(1 + len(coefs) + k * corrector_steps + j, y)
             if ckpt:
-                y = checkpoint(langevin_step, model, y, z, coef, alphas[k], snr, use_reentrant=False)
+                y = checkpointed(grad_checkpoint, langevin_step, model, y, z, coef, alphas[k], snr)
             else:
                 y = langevin_step(model, y, z, coef, alphas[k], snr)
         z = noise(1 + k, y)
         if ckpt:
-            y = checkpoint(vpsde_step, model, y, z, coef, use_reentrant=False)
+            y = checkpointed(grad_checkpoint, vpsde_step, model, y, z, coef)
         else:
             y = vpsde_step(model, y, z, coef)
         if trace is not None:
@@ -449,7 +476,7 @@ def edm_purify(net, x, noise=None, sigma_max=0.5, num_steps=50, S_churn=6.0, S_m
         x_hat = x + churn[i] * noise(1 + i, x)
         args = (net, x_hat, t_hat[i], t_steps[i + 1], i < num_steps - 1)
         if grad_checkpoint and torch.is_grad_enabled():
-            x = checkpoint(heun_step, *args, use_reentrant=False)
+            x = checkpointed(grad_checkpoint, heun_step, *args)
         else:
             x = heun_step(*args)
         if trace is not None:
@@ -624,7 +651,7 @@ def gdmp_purify(unet, x, sched, noise=None, guidance="mse", guide=None, iters=GD
                 z, k = noise(k, x_t), k + 1
             args = (unet, x_t, t, z, coefs[i], y_t, k_t, guidance)
             if grad_checkpoint and torch.is_grad_enabled():
-                x_t = checkpoint(gdmp_step, *args, use_reentrant=False)
+                x_t = checkpointed(grad_checkpoint, gdmp_step, *args)
             else:
                 x_t = gdmp_step(*args)
             if trace is not None:
@@ -832,11 +859,41 @@ def add_purification_args(p, defenses=DEFENSES):
                        help="gdmp: GDMP's guide_scale (default 60000 mse, 70000 ssim; for its batch of 100: README)")
         p.add_argument("--gdmp-iters", type=int, default=None, help="gdmp: diffuse-and-denoise iterations (default 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="fp32",
-                   help="fp32 as the official code (default); bf16 autocast is the fast path (auto: bf16 on CUDA)")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    add_speed_args(p)
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+
+
+def add_speed_args(p):
+    """--fast and the settings it stands for (purify.py, attack.py, analyze.py, train_addt.py)."""
+    p.add_argument("--fast", action="store_true", help="the fast path in one flag: bf16 autocast on CUDA, "
+                   "channels_last, torch.compile (attack.py: also --grad-checkpoint on, --chunk auto); each "
+                   "setting's own flag overrides it (e.g. --fast --precision fp32)")
+    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default=None,
+                   help="fp32 as the official code (default); bf16 autocast is the fast path (auto: bf16 on CUDA)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the networks")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="torch.compile mode (implies --compile; reduce-overhead adds CUDA graphs)")
+
+
+def check_speed_args(args):
+    """Fill the settings --fast stands for (each one's own flag wins): bf16 on CUDA (fp32 on the CPU, where
+    bf16 gains little), channels_last and compile. Without --fast everything is the official fp32 eager."""
+    from addt_common import require
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.precision is None:
+        args.precision = "bf16" if args.fast and device.type == "cuda" else "fp32"
+    args.channels_last = args.fast if args.channels_last is None else args.channels_last
+    require(args.compile is not False or args.compile_mode is None,
+            "--compile-mode needs compilation: drop --no-compile")
+    args.compile = bool(args.fast or args.compile_mode) if args.compile is None else args.compile
+    args.compile_mode = (args.compile_mode or "default") if args.compile else None
+
+
+def speed_settings(args, precision=None):
+    """The resolved speed settings of a run, for its printout and records."""
+    return {"fast": bool(getattr(args, "fast", False)), "precision": precision or args.precision,
+            "channels_last": bool(args.channels_last), "compile": args.compile_mode if args.compile else False}
 
 
 def check_purification_args(args):
@@ -882,6 +939,7 @@ def check_purification_args(args):
         from models import parse_norm
         parse_norm(args.classifier_norm)
     check_device(args.device)
+    check_speed_args(args)
     if args.defense in DEFENSES:
         build_purifier(args, None)  # the schedule (--nfe vs --t-star, EDM's steps) is checked before any loading
 
@@ -931,6 +989,10 @@ def load_inputs(args, device, defended=True):
         raise UserError(f"--n {args.n} but {args.data} {args.split} holds {len(data.labels)} images")
     check_models_fit(data, f"--data {args.data}", model, model_path, classifier, args.classifier)
     if model is not None:
-        model = prepare_model(model, device, args.channels_last, args.compile)
-    classifier = prepare_model(classifier, device, args.channels_last, args.compile)
-    return model, classifier, data.images[:args.n], data.labels[:args.n]
+        model = prepare(args, model, device)
+    return model, prepare(args, classifier, device), data.images[:args.n], data.labels[:args.n]
+
+
+def prepare(args, model, device):
+    """A network on the device with the run's --channels-last and --compile (--compile-mode)."""
+    return prepare_model(model, device, args.channels_last, args.compile and args.compile_mode)

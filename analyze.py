@@ -32,14 +32,14 @@ import torch.nn.functional as F
 
 import attack
 import train_addt
-from addt_attacks import (ATTACK, EVAL, SETTINGS, Defense, NonFiniteError, pgd_eot, summarize_records,
+from addt_attacks import (ATTACK, EVAL, SETTINGS, NonFiniteError, pgd_eot, summarize_records,
                           wilson_interval)
 from addt_common import (Dist, Progress, UserError, autocast, check_out_dir, check_positive, keyed_normal,
-                         lock_out, parse_ints, prepare_model, read_json, refuse_overwrite, require,
+                         lock_out, parse_ints, read_json, refuse_overwrite, require,
                          resolve_precision, run_main, sample_seed, unlock_out, write_json)
 from addt_data import shard, to_float
 from addt_diffusion import (DEFENSES, FAMILY_FLAGS, add_purification_args, build_purifier, check_purification_args,
-                            load_diffusion_model, load_inputs)
+                            load_diffusion_model, load_inputs, prepare)
 
 RANDOM_DIRECTION = 50  # key stage of semi-curve's random +-1 direction (addt_attacks uses 0..7)
 FIGURES = {"settings": "figures 2 and 6", "eot-similarity": "figure 7 (appendix A)",
@@ -63,8 +63,7 @@ def parse_args(argv=None):
             add_purification_args(s, [f for f in DEFENSES if f != "gdmp"] if name == "rbgm-ranks" else DEFENSES)
             s.set_defaults(n=n)
             s.add_argument("--batch-size", type=int, default=32, help="images processed together")
-            s.add_argument("--chunk", type=int, default=64, help="pipelines (image x draw) per forward/backward")
-            s.add_argument("--grad-checkpoint", choices=["auto", "on", "off"], default="auto")
+            attack.add_memory_args(s, batch_size=False)
         s.add_argument("--out", default="runs/analysis", help="folder for NAME.json and NAME.png")
         s.add_argument("--no-plot", action="store_true", help="write the JSON only (no matplotlib needed)")
         s.add_argument("--overwrite", action="store_true", help="replace an earlier NAME.json in --out")
@@ -182,7 +181,8 @@ def check_args(args):
         return args
     check_purification_args(args)
     build_purifier(args, None)  # a bad --nfe / --t-star fails here, before any loading
-    check_positive(args, "batch_size", "chunk")
+    attack.check_memory_args(args)
+    check_positive(args, "batch_size")
     if hasattr(args, "norm"):
         eps, step = attack.BUDGETS[args.norm]
         args.eps = eps if args.eps is None else args.eps
@@ -261,8 +261,11 @@ def setup(args):
 
 
 def defense(run, args, setting, purifier=None):
-    return Defense(purifier or run.purifier, run.classifier, setting, args.seed, getattr(args, "semi_n", 128),
-                   args.chunk, run.precision, args.grad_checkpoint)
+    """attack.py's Defense for these flags (--chunk auto: sized once, then kept for every later defence)."""
+    dfn = attack.build_defense(args, purifier or run.purifier, run.classifier, run.d.device,
+                               tuple(run.images.shape[1:]), setting, eot=getattr(args, "eot", 1))
+    args.chunk = dfn.chunk
+    return dfn
 
 
 def batches(run, args):
@@ -669,8 +672,7 @@ def landscape(args):
     run = setup(args)
     models = [(args.labels[0], run.purifier, args.runs[:2] if args.runs else None)]
     if args.addt:
-        second = prepare_model(load_diffusion_model(args.defense, args.addt), run.d.device, args.channels_last,
-                               args.compile)
+        second = prepare(args, load_diffusion_model(args.defense, args.addt), run.d.device)
         models.append((args.labels[1], build_purifier(args, second), args.runs[2:] if args.runs else None))
     results = [landscape_model(run, args, purifier, label, runs) for label, purifier, runs in models]
     if run.d.master:

@@ -8,6 +8,7 @@
     python attack.py --defense gdmp --guidance mse --ddpm DIR ...      # GDMP (guided DDPM; none | mse | ssim)
     python attack.py --attack autoattack-rand-fixed ...                # the paper's fixed AutoAttack (rand)
     python attack.py --protocol worst-10 --track best ...              # stricter protocols
+    python attack.py --fast ...          # bf16 on CUDA, channels_last, compile, per-call checkpointing, --chunk auto
     torchrun --nproc_per_node=4 attack.py ... --num-images 1024        # shards the images; identical records
 
 Attacks (--attack): pgd (the paper's: zero start, CE, gradients summed over --eot draws, --random-start
@@ -48,14 +49,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from addt_attacks import (SETTINGS, Defense, NonFiniteError, apgd, autoattack_rand, parse_protocol, pgd_eot,
-                          summarize_records)
+from addt_attacks import (ATTACK, PROBE_PIPELINES, SETTINGS, Defense, NonFiniteError, apgd, autoattack_rand,
+                          parse_protocol, pgd_eot, summarize_records)
 from addt_common import (Dist, Progress, UserError, append_jsonl, atomic_save, atomic_write_bytes, check_out_dir,
                          check_positive, check_range, lock_out, markdown_table, read_json, read_jsonl, refuse_overwrite,
                          remove_stale_tmp, require, resolve_precision, run_main, unlock_out, write_json, write_text)
 from addt_data import shard, to_float
 from addt_diffusion import (DEFENSES, FAMILY_FLAGS, add_purification_args, build_purifier, check_purification_args,
-                            load_inputs)
+                            load_inputs, speed_settings)
 
 ATTACKS = ["pgd", "apgd-ce", "apgd-dlr", "autoattack-rand-fixed", "autoattack-rand"]
 BUDGETS = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1)}  # (eps, PGD step size) on [0, 1] images
@@ -79,8 +80,6 @@ def parse_args(argv=None):
     p.add_argument("--protocol", default="single", help="single | mean-K | worst-N | majority-N")
     p.add_argument("--track", choices=["final", "best"], default="final",
                    help="best: keep per image the iterate worst for the defence, evaluated after every step (PGD)")
-    p.add_argument("--grad-checkpoint", choices=["auto", "on", "off"], default="auto",
-                   help="recompute each network call in the backward pass (auto: when the graph would not fit)")
     p.add_argument("--save-adv", choices=["pt", "png"], default=None,
                    help="save the final adversarial images: pt = float deltas (exact), png = uint8 images")
     p.add_argument("--log-trajectory", action="store_true",
@@ -88,9 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--trajectory-deltas", type=int, default=0,
                    help="with --log-trajectory: also save the perturbation of every step for the first M images")
     add_purification_args(p, DEFENSES + ["none"])
-    p.add_argument("--batch-size", type=int, default=64, help="images attacked together")
-    p.add_argument("--chunk", type=int, default=64,
-                   help="pipelines (image x EoT draw) per forward/backward; results depend on it, not on --batch-size")
+    add_memory_args(p)
     p.add_argument("--out", default="runs/attack")
     p.add_argument("--resume", action="store_true", help="skip images already in OUT/records-*.jsonl")
     p.add_argument("--preset", choices=["smoke"], default=None)
@@ -103,6 +100,78 @@ def parse_args(argv=None):
         check_out_dir(args.out)
         return args
     return check_args(args)
+
+
+def add_memory_args(p, batch_size=True):
+    """--chunk, --grad-checkpoint and --batch-size (attack.py; analyze.py has its own --batch-size)."""
+    p.add_argument("--chunk", default=None, help="pipelines (image x EoT draw) per forward/backward, or auto (sized "
+                   "from the free memory; --fast's choice); results depend on it, not on --batch-size (default 64)")
+    p.add_argument("--grad-checkpoint", choices=["auto", "on", "off", "selective"], default=None,
+                   help="recompute each network call in the backward pass (auto, the default: when the graph would "
+                        "not fit; on with --fast); selective keeps conv/matmul/attention outputs")
+    if batch_size:
+        p.add_argument("--batch-size", type=int, default=None,
+                       help="images attacked together (default 64; with --chunk auto, chunk / EoT)")
+
+
+def check_memory_args(args):
+    """The memory flags' defaults (--fast: per-call checkpointing and a chunk sized from free memory)."""
+    if args.chunk is None:
+        args.chunk = "auto" if args.fast else 64
+    elif args.chunk != "auto":
+        try:
+            args.chunk = int(args.chunk)
+        except ValueError:
+            raise UserError(f"--chunk takes a positive integer or auto, not {args.chunk!r}") from None
+    args.chunk_auto = args.chunk == "auto"
+    args.grad_checkpoint = args.grad_checkpoint or ("on" if args.fast else "auto")
+    check_positive(args, "batch_size")
+    require(args.chunk_auto or args.chunk > 0, f"--chunk must be positive, not {args.chunk}")
+
+
+def build_defense(args, purifier, classifier, device, shape=(3, 32, 32), setting=None, eot=None):
+    """The Defense that attack.py runs for its parsed flags (bench.py's rows and analyze.py build theirs
+    here too): precision, checkpointing, and with --chunk auto the chunk sized now from the free memory
+    (Defense.prepare on a probe shaped like the images; the content does not matter)."""
+    defense = Defense(purifier, classifier, setting or args.setting, args.seed, getattr(args, "semi_n", 128),
+                      args.chunk, resolve_precision(args.precision, device), args.grad_checkpoint)
+    if args.chunk == "auto":
+        eot = eot or getattr(args, "eot", 1) or 1
+        pipes = [(i, 0, d) for i in range(PROBE_PIPELINES) for d in range(eot)][:PROBE_PIPELINES]
+        defense.prepare(torch.full((len(pipes), *shape), 0.5, device=device), pipes, ATTACK, eot)
+    return defense
+
+
+def speed_record(args, defense):
+    """What the run's speed and memory settings resolved to: printed at the start, kept in the summary."""
+    return {**speed_settings(args, defense.precision), "chunk": defense.chunk,
+            "chunk_info": defense.chunk_info, "grad_checkpoint": args.grad_checkpoint,
+            "checkpoint_info": defense.checkpoint_info, "batch_size": args.batch_size}
+
+
+def speed_line(record):
+    ck = record["checkpoint_info"]
+    ck = "decided at the first gradient" if ck is None else ck["on"]
+    info = record["chunk_info"] or {}
+    chunk = f"{record['chunk']}" + (f" (auto: {info['bytes_per_pipeline'][info['sized_for_checkpoint']] / 2 ** 20:.1f} "
+                                    f"MiB per pipeline, {(info['available_bytes'] or 0) / 2 ** 30:.1f} GiB free, cap "
+                                    f"{info['cap']})" if info.get("request") == "auto" else "")
+    return (f"speed: precision {record['precision']}, channels_last {record['channels_last']}, compile "
+            f"{record['compile']}, grad checkpoint {record['grad_checkpoint']} -> {ck}, chunk {chunk}, "
+            f"batch {record['batch_size']} images")
+
+
+def adopt_chunk(args):
+    """--resume with --chunk auto takes the chunk the records were made with (args.json), so a resumed run
+    is the same run whatever memory is free now."""
+    path = os.path.join(args.out, "args.json")
+    if args.chunk == "auto" and os.path.exists(path):
+        try:
+            before = read_json(path, "args.json")
+        except UserError:
+            return
+        if isinstance(before.get("chunk"), int):
+            args.chunk = before["chunk"]
 
 
 def check_args(args):
@@ -123,7 +192,8 @@ def check_args(args):
             "--random-start, --track best and --log-trajectory are options of --attack pgd")
     require(args.log_trajectory or not args.trajectory_deltas, "--trajectory-deltas needs --log-trajectory")
     check_range(args, "eps", 0, float("inf"), hi_open=True)
-    check_positive(args, "step_size", "eot", "batch_size", "chunk", "semi_n", "restarts", "aa_draws")
+    check_memory_args(args)
+    check_positive(args, "step_size", "eot", "semi_n", "restarts", "aa_draws")
     require(args.steps >= (0 if pgd else 1), f"--steps must be at least {0 if pgd else 1}, not {args.steps}")
     require(args.trajectory_deltas >= 0, f"--trajectory-deltas must be >= 0, not {args.trajectory_deltas}")
     try:
@@ -146,7 +216,8 @@ def check_args(args):
 
 # flags that do not change any record: everything else must be the same to --resume (--save-adv too: a run
 # saves the images of all its records or of none)
-RUN_ONLY_FLAGS = {"out", "resume", "batch_size", "device", "compile", "channels_last", "preset", "grad_checkpoint"}
+RUN_ONLY_FLAGS = {"out", "resume", "batch_size", "device", "compile", "channels_last", "preset", "grad_checkpoint",
+                  "fast", "compile_mode", "chunk_auto"}
 
 
 def fingerprint(args):
@@ -203,6 +274,8 @@ def check_same_attack(args):
         changed = changed_flags(args, before)
         require(not changed, f"--resume with other settings than the records in {args.out} were made with "
                              f"({', '.join('--' + k.replace('_', '-') for k in changed)}); use those settings or another --out")
+    if args.chunk == "auto":
+        return  # the chunk is sized after loading; main() checks the records' fingerprints then
     runs = {r.get("run") for r in records.values()}
     require(runs <= {fingerprint(args)}, f"--resume: the records in {args.out} were made with other settings "
                                          "(their fingerprint differs); use those settings or another --out")
@@ -258,6 +331,7 @@ def summarize(args, purifier, classifier, defense, records, attacked, seconds, p
     return {"args": vars(args), "attack": args.attack, **summarize_records(rs), "precision": precision,
             "purifier": info, "timesteps": info.get("timesteps", []), "model_calls": info.get("model_calls", 0),
             "classifier_norm": getattr(classifier, "norm_info", None), "grad_checkpoint": defense.checkpoint_info,
+            "speed": speed_record(args, defense),
             "attacked_this_run": attacked, "seconds": seconds, "images_per_s": attacked / max(seconds, 1e-9)}
 
 
@@ -304,14 +378,23 @@ def main(argv=None):
             refuse_overwrite(os.path.join(args.out, name), args.resume)
         lock_out(args.out)
         remove_stale_tmp(os.path.join(args.out, "adv"))
+        if args.resume:
+            adopt_chunk(args)
         check_same_attack(args)
     d.agree(take_folder)
     defended = args.defense != "none"
     model, classifier, images, labels = load_inputs(args, d.device, defended=defended)
     purifier = build_purifier(args, model) if defended else None
-    precision = resolve_precision(args.precision, d.device)
-    defense = Defense(purifier, classifier, args.setting, args.seed, args.semi_n, args.chunk, precision,
-                      args.grad_checkpoint)
+    defense = build_defense(args, purifier, classifier, d.device, tuple(images.shape[1:]))
+    if args.chunk == "auto":  # every process runs the same chunk: the smallest any of them can hold
+        chunk = torch.tensor(defense.chunk, device=d.device)
+        if d.ddp:
+            torch.distributed.all_reduce(chunk, op=torch.distributed.ReduceOp.MIN)
+        args.chunk = defense.chunk = defense.chunk_info["chunk"] = int(chunk)
+        if args.resume:
+            check_same_attack(args)  # now that the chunk is known, the records' fingerprints are checked
+    args.batch_size = args.batch_size or (max(1, args.chunk // args.eot) if args.chunk_auto else 64)
+    precision = defense.precision
     path = os.path.join(args.out, f"records-{d.rank}.jsonl")
     done = {}
     if args.resume:
@@ -333,6 +416,7 @@ def main(argv=None):
         write_json(os.path.join(args.out, "args.json"), vars(args))
         print(f"attack: {args.attack} {args.setting} {args.norm} on {args.defense}, protocol {args.protocol}, "
               f"{args.n} images ({len(done)} already recorded), {d.world} process(es)", flush=True)
+        print(speed_line(speed_record(args, defense)), flush=True)
     progress = Progress(len(todo) * args.steps, args.attack, "img-steps", enabled=d.master)
     run_id, t0 = fingerprint(args), time.time()
     for lo in range(0, len(todo), args.batch_size):
@@ -348,7 +432,7 @@ def main(argv=None):
         if args.save_adv:
             save_adv(args.out, args.save_adv, d.rank, idx, x, x_adv)
         append_jsonl(path, [{**r, "run": run_id} for r in records])
-        if d.master and lo == 0 and defense.checkpoint_info is not None:
+        if d.master and lo == 0 and defense.checkpoint_info is not None and args.grad_checkpoint == "auto":
             print(f"gradient checkpointing: {'on' if defense.checkpointing else 'off'} ({defense.checkpoint_info})",
                   flush=True)
     d.barrier()

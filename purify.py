@@ -7,6 +7,7 @@ the first N test images.
     python purify.py --defense edm --edm edm-cifar10-32x32-uncond-vp.pkl --classifier CKPT --data PATH
     python purify.py --defense gdmp --guidance mse --ddpm DIR --classifier CKPT --data PATH   # GDMP
     torchrun --nproc_per_node=4 purify.py ...      # shards the images, same totals as one process
+    python purify.py --fast ...                    # bf16 autocast on CUDA, channels_last, torch.compile
 
 Writes OUT/results.json (every setting, seed, the purifier's schedule, classifier-only and purified
 accuracy with Wilson 95 % intervals, the classifier's input normalisation), OUT/grid.png (rows:
@@ -27,7 +28,8 @@ from addt_common import (Dist, Progress, UserError, atomic_write_bytes, autocast
                          unlock_out, write_json)
 from addt_attacks import NonFiniteError, check_finite, wilson_interval
 from addt_data import shard, to_float
-from addt_diffusion import KeyedNoise, add_purification_args, build_purifier, check_purification_args, load_inputs
+from addt_diffusion import (KeyedNoise, add_purification_args, build_purifier, check_purification_args, load_inputs,
+                            speed_settings)
 
 
 def parse_args(argv=None):
@@ -72,6 +74,9 @@ def main(argv=None):
     model, classifier, images, labels = load_inputs(args, d.device)
     purifier = build_purifier(args, model)
     precision = resolve_precision(args.precision, d.device)
+    speed = speed_settings(args, precision)
+    if d.master:
+        print(f"speed: {speed}", flush=True)
     start, stop = shard(len(labels), d.rank, d.world)
     correct = torch.zeros(2, dtype=torch.long, device=d.device)  # classifier only, purified
     progress = Progress(stop - start, "purify", "img", enabled=d.master)
@@ -95,7 +100,7 @@ def main(argv=None):
     if not d.master:
         return
     n = len(labels)
-    results = {"args": vars(args), "precision": precision, "purifier": purifier.info, "n": n,
+    results = {"args": vars(args), "precision": precision, "speed": speed, "purifier": purifier.info, "n": n,
                "classifier_norm": getattr(classifier, "norm_info", None),
                "classifier_accuracy": 100 * correct[0].item() / n, "purified_accuracy": 100 * correct[1].item() / n,
                "classifier_accuracy_ci95": list(wilson_interval(correct[0].item(), n)),

@@ -578,18 +578,26 @@ def model_calls(flags):
     return 0
 
 
-def bench_rates(bench):
-    """{family: (s per gradient pipeline per network call, s per evaluation per call)} from bench.json."""
+def bench_rates(bench, path="default"):
+    """{family: (s per gradient pipeline per network call, s per evaluation per call)} from bench.json's row
+    `path` (bench.py's "default" is attack.py's defaults, "fast" its --fast; "ours" in older files)."""
     rates = {}
     for family, section in (("ddpm", "attack"), ("vpsde", "vpsde"), ("edm", "edm")):
         s = bench.get(section)
         if not s:
             continue
-        ours = [r for r in s["rows"] if r.get("path") == "ours"]
+        ours = [r for r in s["rows"] if r.get("path") in (path, "ours") and r.get("pipelines/s")]
         if not ours:
             continue
-        calls = s["model_calls"]
-        rates[family] = (1 / ours[0]["pipelines/s"] / calls, ours[0]["eval s"] / (s["images"] * calls))
+        r, calls = ours[0], s["model_calls"]
+        grad = 1 / r["pipelines/s"] / calls
+        if r.get("eval pipelines/s"):
+            ev = 1 / r["eval pipelines/s"] / calls
+        elif "eval s" in r:
+            ev = r["eval s"] / (s["images"] * calls)
+        else:  # not timed (compiled rows of the GPU check): an evaluation costs about a third of a gradient
+            ev = grad / 3
+        rates[family] = (grad, ev)
     if "ddpm" in rates:  # the same UNet calls (GDMP's guidance is a few convolutions beside each)
         rates["ddim"] = rates["gdmp"] = rates["ddpm"]
     return rates
@@ -820,7 +828,7 @@ def dry_run(args, plan, status):
     rates = {}
     if args.bench:
         bench = read_json(args.bench, "bench")
-        rates = bench_rates(bench)
+        rates = bench_rates(bench, "fast" if "--fast" in args.extra else "default")
         print(f"projected times from {args.bench} ({bench.get('device', '?')}, "
               f"{'small' if bench.get('settings', {}).get('small') else 'full'} size)")
     else:

@@ -10,6 +10,7 @@ mapped to Gaussian noise by RBGM (paper section 5, Algorithm 1; SPEC.md "ADDT fi
     python train_addt.py --guidance mse ...          # CGPO maximises MSE(eps_theta, eps) instead of CE
     python train_addt.py --init scratch --perturb none --data cifar10   # plain DDPM from random init
     python train_addt.py --out runs/addt --resume    # continue (the same flags); --extend with a larger --epochs
+    python train_addt.py --fast ...                  # bf16 on CUDA, channels_last, compiled network and classifier
 
 One training step for every family (`--model`), each written in its own parameterisation of
 x_t = a_t x0 + s_t eps' with eps' = sqrt(1 - lambda_t^2) eps + lambda_t delta (paper eq. 6) and
@@ -41,11 +42,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from addt_common import (Dist, Progress, UserError, append_jsonl, atomic_save, autocast, check_device,
-                         check_finite_weights, check_out_dir, check_positive, check_range, load_checkpoint,
-                         load_kernel, lock_out, os_reason, prepare_model, read_json, read_jsonl, refuse_overwrite,
-                         require, resolve_precision, run_main, sample_seed, unlock_out, write_json, write_text)
+                         check_finite_weights, check_out_dir, check_positive, check_range, eager_module,
+                         load_checkpoint, load_kernel, lock_out, os_reason, prepare_model, read_json, read_jsonl,
+                         refuse_overwrite, require, resolve_precision, run_main, sample_seed, unlock_out, write_json,
+                         write_text)
 from addt_data import epoch_indices, load_split, random_crop_flip, to_float
-from addt_diffusion import T, check_models_fit, linear_alpha_bar, load_diffusion_model
+from addt_diffusion import (T, add_speed_args, check_models_fit, check_speed_args, linear_alpha_bar,
+                            load_diffusion_model, speed_settings)
 from models import load_classifier
 
 rbgm = load_kernel("rbgm").rbgm
@@ -91,8 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--ema-power", type=float, default=0.75)
     p.add_argument("--ema-max-decay", type=float, default=0.9999)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="fp32",
-                   help="fp32 as the official code (default); bf16 autocast is the fast path")
+    add_speed_args(p)  # --fast: bf16 autocast on CUDA, channels_last, torch.compile of the network and classifier
     p.add_argument("--device", default=None)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=500)
@@ -106,6 +108,7 @@ def check_args(args):
     """Defaults that depend on other flags, and every flag checked before anything is loaded."""
     check_out_dir(args.out)
     check_device(args.device)
+    check_speed_args(args)
     args.perturb = args.perturb or ("none" if args.init == "scratch" else "rbgm")
     check_flags_apply(args)
     args.guidance = args.guidance or "ce"
@@ -347,7 +350,7 @@ def train_step(model, net, family, classifier, ema, opt, batches, args, g_rng, a
         eps = torch.randn(x0.shape, generator=g_rng, device=x0.device)
         eps_mix = mix_noise(eps, delta, lam, args.perturb)
         x_t = noisy(x0, eps_mix, a, s)
-        sync = j == len(batches) - 1 or not isinstance(model, DDP)
+        sync = j == len(batches) - 1 or not isinstance(eager_module(model), DDP)
         with model.no_sync() if not sync else torch.enable_grad():
             with amp():
                 x0_hat, eps_hat = family.predict(model, x_t, t, a, s)
@@ -368,6 +371,24 @@ def train_step(model, net, family, classifier, ema, opt, batches, args, g_rng, a
         opt.step()
         ema.update(net)
     return stats
+
+
+def step_modules(args, net, classifier, device, ddp=False):
+    """What train_step calls, with the speed flags (--fast): (model for the update, DDP-wrapped under
+    torchrun; the network CGPO calls; the classifier; amp, a fresh autocast context per call; the resolved
+    precision). With --compile both calls of the network (CGPO's input gradients and the update) go through
+    one torch.compile'd module sharing net's weights; EMA and checkpoints keep using the bare `net`.
+    bench.py times exactly this."""
+    precision = resolve_precision(args.precision, device)
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)  # in place: the optimiser and EMA see the same tensors
+    mode = args.compile and args.compile_mode
+    model = DDP(net, device_ids=[device] if device.type == "cuda" else None) if ddp else net
+    step_net = prepare_model(net, device, compile=mode, train=True)
+    model = step_net if not ddp else prepare_model(model, device, compile=mode, train=True)
+    if classifier is not None:
+        classifier = prepare_model(classifier, device, args.channels_last, mode)
+    return model, step_net, classifier, lambda: autocast(device, precision), precision
 
 
 # ---------------------------------------------------------------- models, export, resume
@@ -471,8 +492,6 @@ def main(argv=None):
         raise UserError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {per_gpu} x "
                         f"{d.world} processes")
     ckpt = read_checkpoint(ckpt_path, args, d.world) if args.resume else None
-    precision = resolve_precision(args.precision, d.device)
-    amp = lambda: autocast(d.device, precision)  # a fresh context each use
 
     torch.manual_seed(args.seed)  # --init scratch: the same random weights for the same --seed
     net = build_model(args).to(d.device)
@@ -485,8 +504,6 @@ def main(argv=None):
     check_models_fit(data, f"--data {args.data}", net, getattr(args, args.model) or f"of --init {args.init}",
                      classifier, args.classifier)
     images, labels = data.images.to(d.device), data.labels.to(d.device)
-    if classifier is not None:
-        classifier = prepare_model(classifier, d.device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     ema = EMA(net, args.ema_inv_gamma, args.ema_power, args.ema_max_decay)
     step, window = 0, []
@@ -497,7 +514,7 @@ def main(argv=None):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step, window = ckpt["step"], ckpt.get("log_window", [])
-    model = DDP(net, device_ids=[d.device] if d.device.type == "cuda" else None) if d.ddp else net
+    model, step_net, classifier, amp, precision = step_modules(args, net, classifier, d.device, d.ddp)
 
     steps_per_epoch = len(labels) // args.global_batch
     if steps_per_epoch == 0:
@@ -506,10 +523,12 @@ def main(argv=None):
     log_path = os.path.join(args.out, "log.jsonl")
     if d.master:
         write_json(os.path.join(args.out, "args.json"), {**vars(args), "world": d.world,
-                                                         "classifier_norm_info": getattr(classifier, "norm_info", None)})
+                                                         "classifier_norm_info": getattr(classifier, "norm_info", None),
+                                                         "speed": speed_settings(args, precision)})
         trim_log(log_path, step)
         print(f"ADDT ({args.model}): perturb {args.perturb}, guidance {args.guidance}, {total} steps of "
               f"{args.global_batch} ({d.world} x {per_gpu} x {accum}), {precision}, from step {step}", flush=True)
+        print(f"speed: {speed_settings(args, precision)}", flush=True)
 
     def save(path):
         check_finite_weights(net.state_dict(), "the model being trained")
@@ -530,7 +549,7 @@ def main(argv=None):
         g_rng = torch.Generator(device=d.device).manual_seed(sample_seed(args.seed, d.rank, step, 1))
         batches = [(2 * random_crop_flip(to_float(images[i]), pad=0, generator=g_rng) - 1, labels[i])
                    for i in idx.split(per_gpu)]
-        stats = train_step(model, net, family, classifier, ema, opt, batches, args, g_rng, amp)
+        stats = train_step(model, step_net, family, classifier, ema, opt, batches, args, g_rng, amp)
         step += 1
         if not all(math.isfinite(v) for v in stats.values()):
             if d.master:

@@ -127,3 +127,18 @@ def killed_at(monkeypatch):
         monkeypatch.setattr(module, name, dying)
         return lambda: monkeypatch.setattr(module, name, real)
     return arm
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compiles: runs torch.compile end to end (a minute or more per test on the "
+                                       "CPU): runs where CUDA is (the GPU check) or with ADDT_COMPILE_TESTS=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """torch.compile tests run on CUDA machines (bench.py --gpu-check runs them) or when asked for."""
+    if torch.cuda.is_available() or os.environ.get("ADDT_COMPILE_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="compiles on the CPU for minutes: runs in the GPU check, or ADDT_COMPILE_TESTS=1")
+    for item in items:
+        if item.get_closest_marker("compiles"):
+            item.add_marker(skip)
