@@ -35,6 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "kernel: the test must launch a Triton kernel (on kernel_device)")
+    config.addinivalue_line("markers", "compiles: runs torch.compile end to end (a minute or more per test on the "
+                                       "CPU): runs where CUDA is (the GPU check) or with ADDT_COMPILE_TESTS=1")
 
 
 @pytest.fixture(scope="session")
@@ -127,11 +129,6 @@ def killed_at(monkeypatch):
         monkeypatch.setattr(module, name, dying)
         return lambda: monkeypatch.setattr(module, name, real)
     return arm
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "compiles: runs torch.compile end to end (a minute or more per test on the "
-                                       "CPU): runs where CUDA is (the GPU check) or with ADDT_COMPILE_TESTS=1")
 
 
 def pytest_collection_modifyitems(config, items):
