@@ -131,6 +131,28 @@ def killed_at(monkeypatch):
     return arm
 
 
+@pytest.fixture(scope="session")
+def checkpointed_grads_exact():
+    """check(loss, x, seeds): loss(x, grad_checkpoint) gives the same input gradient with and without
+    checkpointing, and in float64 that gradient matches central differences along one random direction
+    per seed."""
+    def check(loss, x, seeds):
+        grads = []
+        for ckpt in (False, True):
+            xg = x.clone().requires_grad_(True)
+            grads.append(torch.autograd.grad(loss(xg, ckpt), xg)[0])
+        assert grads[0].abs().max() > 0
+        assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[0].abs().max()
+        if x.dtype == torch.float64:
+            h = 1e-4
+            with torch.no_grad():
+                for seed in seeds:
+                    d = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+                    fd = (loss(x + h * d, False) - loss(x - h * d, False)) / (2 * h)
+                    torch.testing.assert_close((grads[1] * d).sum(), fd, rtol=1e-6, atol=0)
+    return check
+
+
 def pytest_collection_modifyitems(config, items):
     """torch.compile tests run on CUDA machines (bench.py --gpu-check runs them) or when asked for."""
     if torch.cuda.is_available() or os.environ.get("ADDT_COMPILE_TESTS") == "1":

@@ -206,7 +206,7 @@ def test_dw_both_makes_the_pc_sampler_deterministic():
     assert c.abs().max() > 0
 
 
-def test_gradients_exact_through_the_corrector():
+def test_gradients_exact_through_the_corrector(checkpointed_grads_exact):
     """Fixed noise: the input gradient with grad_checkpoint equals plain autograd, and (float64) matches
     central differences along 2 random directions. t* = 0.01 (10 steps, 20 network calls)."""
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(11))
@@ -220,19 +220,7 @@ def test_gradients_exact_through_the_corrector():
                                grad_checkpoint=grad_checkpoint)
             return (out * wd).sum()
 
-        grads = []
-        for ckpt in (False, True):
-            xg = xd.clone().requires_grad_(True)
-            grads.append(torch.autograd.grad(loss(xg, ckpt), xg)[0])
-        assert grads[0].abs().max() > 0
-        assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[0].abs().max()
-        if dtype == torch.float64:
-            h = 1e-4
-            with torch.no_grad():
-                for seed in (14, 15):
-                    d = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-                    fd = (loss(xd + h * d, False) - loss(xd - h * d, False)) / (2 * h)
-                    torch.testing.assert_close((grads[1] * d).sum(), fd, rtol=1e-6, atol=0)
+        checkpointed_grads_exact(loss, xd, (14, 15))
 
 
 # ---------------------------------------------------------------- the scripts
