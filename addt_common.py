@@ -50,6 +50,8 @@ def run_main(main):
         _hold_stderr()  # argparse prints its error on every rank: rank 0's copy is enough
     try:
         main()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # gloo aborts a process ("terminate called") whose peer tears down the group first
     except (UserError, SystemExit) as e:
         if isinstance(e, SystemExit) and not e.code:
             raise
