@@ -119,3 +119,16 @@ def test_smoke_preset_flags():
     assert attack.parse_args(["--preset", "smoke", "--resume", "--out", "x"]).resume
     with pytest.raises(UserError, match="takes only"):
         attack.parse_args(["--preset", "smoke", "--eps", "0.1"])
+
+
+def test_ci_runs_the_readmes_setup_and_pytest_commands():
+    """.ci/run reads its setup and test commands from the README: they are the README's lines, and the
+    test command is the pytest run."""
+    ci = open(os.path.join(REPO, ".ci", "run")).read()
+    extract = ci[ci.index("readme_command() {"):ci.index("\nvenv=")]  # the function, both calls, the pytest check
+    script = f'set -euo pipefail\ncd "{REPO}"\n{extract}\nprintf "%s\\n%s\\n" "$setup" "$tests"'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    setup, tests = out.splitlines()
+    readme = open(os.path.join(REPO, "README.md")).read().splitlines()
+    assert any(line.startswith(setup) and line.rstrip().endswith("# setup") for line in readme)
+    assert tests.split() == ["python", "-m", "pytest", "-q", "tests"]
