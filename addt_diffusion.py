@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass, replace
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils import checkpoint as _ckpt
+from torch.utils.checkpoint import checkpoint
 
 from addt_common import COMPILE_MODES, UserError, keyed_normal, load_kernel, prepare_model, torch_save
 from addt_data import check_fits, load_split
@@ -82,8 +83,19 @@ SAVED_OPS = {getattr(_aten, name).default for name in (
     "_scaled_dot_product_flash_attention_for_cpu") if hasattr(_aten, name)}
 
 
+# selective checkpointing's policy API arrived in torch 2.5; on 2.4 the flag is refused (check_selective)
+SELECTIVE = hasattr(_ckpt, "create_selective_checkpoint_contexts")
+
+
+def check_selective():
+    if not SELECTIVE:
+        raise UserError(f"selective checkpointing needs torch >= 2.5 (this is {torch.__version__}): "
+                        "use --grad-checkpoint on")
+
+
 def _keep_costly(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    policy = _ckpt.CheckpointPolicy
+    return policy.MUST_SAVE if op in SAVED_OPS else policy.PREFER_RECOMPUTE
 
 
 def checkpointed(mode, fn, *args):
@@ -91,8 +103,9 @@ def checkpointed(mode, fn, *args):
     in the backward pass (memory: the call's inputs only), 'selective' keeps the outputs of SAVED_OPS and
     recomputes the rest (less recomputation, more memory). Gradients equal plain autograd's."""
     if mode == "selective":
+        check_selective()
         return checkpoint(fn, *args, use_reentrant=False,
-                          context_fn=lambda: create_selective_checkpoint_contexts(_keep_costly))
+                          context_fn=lambda: _ckpt.create_selective_checkpoint_contexts(_keep_costly))
     return checkpoint(fn, *args, use_reentrant=False)
 
 

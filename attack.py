@@ -56,7 +56,7 @@ from addt_common import (Dist, Progress, UserError, append_jsonl, atomic_save, a
                          remove_stale_tmp, require, resolve_precision, run_main, unlock_out, write_json, write_text)
 from addt_data import shard, to_float
 from addt_diffusion import (DEFENSES, FAMILY_FLAGS, add_purification_args, build_purifier, check_purification_args,
-                            load_inputs, speed_settings)
+                            check_selective, load_inputs, speed_settings)
 
 ATTACKS = ["pgd", "apgd-ce", "apgd-dlr", "autoattack-rand-fixed", "autoattack-rand"]
 BUDGETS = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1)}  # (eps, PGD step size) on [0, 1] images
@@ -125,6 +125,8 @@ def check_memory_args(args):
             raise UserError(f"--chunk takes a positive integer or auto, not {args.chunk!r}") from None
     args.chunk_auto = args.chunk == "auto"
     args.grad_checkpoint = args.grad_checkpoint or ("on" if args.fast else "auto")
+    if args.grad_checkpoint == "selective":
+        check_selective()
     check_positive(args, "batch_size")
     require(args.chunk_auto or args.chunk > 0, f"--chunk must be positive, not {args.chunk}")
 

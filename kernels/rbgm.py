@@ -28,12 +28,18 @@ network (20.1k warp instructions per row of 1024 at 8 warps; 12.4k for the map a
 4 warps): free where launches bound the time, a loss where the map alone only tied, hence 2**20
 elements, a third of that tie (3072 rows of 1024). tests/test_rbgm.py checks the rule.
 """
+import re
+
 import torch
 
 try:  # triton is optional: the reference path must work without it
     import triton
     import triton.language as tl
 except ImportError:
+    triton = None
+# Triton before 3.2 (torch 2.4 / 2.5 bring 3.0 / 3.1) is left out: its interpreter cannot run the kernel
+# tests, so the kernels are unproven there and every call takes the reference
+if triton is not None and tuple(map(int, re.findall(r"\d+", triton.__version__)[:2])) < (3, 2):
     triton = None
 
 MAX_ROW = 1024  # 32x32; one row is sorted in registers by one program (64x64 rows: the reference, faster there)
@@ -74,7 +80,7 @@ def _rbgm_kernel_launch(delta, normal):
     x = delta.contiguous()
     normal = normal.to(torch.float32).contiguous()
     out = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)
-    block = triton.next_power_of_2(n)
+    block = max(2, triton.next_power_of_2(n))  # tl.sort of one lane does not compile (Triton 3.4)
     _rbgm_kernel[(x.numel() // n,)](x, normal, out, n, BLOCK=block, num_warps=_num_warps(block))
     return out
 
@@ -124,5 +130,5 @@ def rbgm(delta, generator=None, use_kernel: bool | None = None):
     if use_kernel is None:
         use_kernel = _kernel_device(delta) and kernel_path(rows, n)
     if use_kernel and triton is None:
-        raise RuntimeError("use_kernel=True needs triton")
+        raise RuntimeError("use_kernel=True needs triton >= 3.2")
     return _rbgm_kernel_launch(delta, normal) if use_kernel else rbgm_reference(delta, normal)

@@ -73,11 +73,12 @@ def kernel_launches(request, monkeypatch):
     _CheckedKernel; a test marked `kernel` must launch at least one. Returns the list of launches."""
     launches = []
     if "triton" in sys.modules:
+        from triton.runtime.interpreter import InterpretedFunction  # no KernelInterface before Triton 3.5
         from triton.runtime.jit import KernelInterface
         for name, module in list(sys.modules.items()):
             if name.startswith("addt_kernels."):
                 for attr, fn in list(vars(module).items()):
-                    if isinstance(fn, KernelInterface):
+                    if isinstance(fn, (KernelInterface, InterpretedFunction)):
                         monkeypatch.setattr(module, attr, _CheckedKernel(fn, attr, launches))
     yield launches
     if os.environ.get("ADDT_KERNEL_LAUNCH_LOG"):

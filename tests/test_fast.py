@@ -121,6 +121,19 @@ def test_selective_checkpointing_gives_autograds_gradient(family):
     assert torch.allclose(grads[True], grads[False], rtol=1e-5, atol=1e-7)
 
 
+def test_selective_needs_torch_2_5(monkeypatch, tmp_path):
+    """Without torch 2.5's selective-checkpointing API (torch 2.4): --grad-checkpoint selective is one
+    error line at parse time, and the Python API refuses the mode at the first gradient."""
+    import addt_diffusion
+    monkeypatch.setattr(addt_diffusion, "SELECTIVE", False)
+    with pytest.raises(UserError, match=r"selective checkpointing needs torch >= 2\.5.*--grad-checkpoint on"):
+        attack.parse_args(BASE + ["--out", str(tmp_path / "o"), "--grad-checkpoint", "selective"])
+    x, _ = probe(2, 1)
+    with pytest.raises(UserError, match="needs torch >= 2.5"):
+        family_defenses("ddpm")["selective"].eot_gradient(x.cpu(), torch.tensor([3, 7]), [0, 1], 0, 2)
+    assert addt_diffusion.checkpointed(True, torch.sin, torch.ones(2, requires_grad=True)).requires_grad
+
+
 # ---------------------------------------------------------------- --fast: the flags it stands for
 
 BASE = ["--classifier", "c.pt", "--ddpm", "u"]

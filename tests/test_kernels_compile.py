@@ -36,9 +36,9 @@ def configs():
     """[(id, kernel, arch, signature, constexprs, num_warps)], mirroring the wrappers' launches."""
     out = []
     for arch in ARCHS:
-        # _rbgm_kernel_launch: BLOCK = next_power_of_2(H*W) for any row of 1..MAX_ROW elements
+        # _rbgm_kernel_launch: BLOCK = max(2, next_power_of_2(H*W)) for any row of 1..MAX_ROW elements
         for delta in (FP32, BF16):
-            for k in range(rbgm_mod.MAX_ROW.bit_length()):
+            for k in range(1, rbgm_mod.MAX_ROW.bit_length()):
                 block = 2 ** k
                 warps = rbgm_mod._num_warps(block)
                 sig = {"delta_ptr": delta, "normal_ptr": FP32, "out_ptr": FP32, "n": "i32", "BLOCK": "constexpr"}

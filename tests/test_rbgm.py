@@ -8,7 +8,7 @@ from addt_common import load_kernel
 rbgm_mod = load_kernel("rbgm")
 rbgm, rbgm_reference, sorted_normal_rows = rbgm_mod.rbgm, rbgm_mod.rbgm_reference, rbgm_mod.sorted_normal_rows
 
-needs_triton = pytest.mark.skipif(rbgm_mod.triton is None, reason="triton not installed")
+needs_triton = pytest.mark.skipif(rbgm_mod.triton is None, reason="triton >= 3.2 not installed")
 
 
 def kernel(delta, normal, device):
@@ -41,7 +41,7 @@ def _bits(x):
     return x.contiguous().view(torch.int32)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 3, 8, 8)])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 3, 8, 8), (4, 3, 1, 1)])  # 1x1: rows of one lane
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.kernel
 @needs_triton
@@ -108,6 +108,34 @@ def test_sorted_normal_rows_is_the_sorted_draw():
     assert torch.equal(x, z.sort(dim=1).values)
     signed = rbgm_mod.sort_rows(torch.tensor([[0.5, -0.0, 0.0, -1.0, -0.0]]))
     assert _bits(signed).tolist() == _bits(torch.tensor([[-1.0, 0.0, 0.0, 0.0, 0.5]])).tolist()
+
+
+@pytest.mark.parametrize("version, kept", [("3.0.0", False), ("3.1.1", False), ("2.3.1", False), ("3.2.0", True),
+                                           ("3.10.0+git12ab", True), ("4.0.0", True)])
+@pytest.mark.parametrize("name", ["rbgm", "ddpm_step"])
+def test_triton_before_3_2_leaves_the_kernels_out(name, version, kept, monkeypatch):
+    """A kernel module imported beside a Triton older than 3.2 (torch 2.4 / 2.5 bring 3.0 / 3.1, whose
+    interpreter cannot run the kernel tests) defines no kernel: calls take the reference, and asking for
+    the kernel names the version needed."""
+    import importlib.util
+
+    import triton
+    monkeypatch.setattr(triton, "__version__", version)
+    spec = importlib.util.spec_from_file_location(f"fresh_{name}", rbgm_mod.__file__.replace("rbgm", name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert (mod.triton is triton) == kept
+    x = torch.randn(2, 3, 5, 7)
+    if name == "rbgm":
+        call = lambda use: mod.rbgm(x, torch.Generator().manual_seed(1), use_kernel=use)  # noqa: E731
+        want = rbgm_reference(x, torch.randn(6, 35, generator=torch.Generator().manual_seed(1)))
+    else:
+        call = lambda use: mod.reverse_step(x, x, None, 1.0, 0.5, 0.3, 0.6, 0.1, 0.0, use_kernel=use)  # noqa: E731
+        want = mod.step_reference(x, x, None, 1.0, 0.5, 0.3, 0.6, 0.1, 0.0)
+    assert torch.equal(call(None), want)
+    if not kept:
+        with pytest.raises(RuntimeError, match=r"needs triton >= 3\.2"):
+            call(True)
 
 
 def test_rbgm_falls_back_on_cpu(monkeypatch):

@@ -753,7 +753,10 @@ def test_diffpure_restores_the_vpsde_export(tmp_path):
     loaded_state = torch.load(tmp_path / "checkpoint.pth", map_location="cpu")
     real = safe_pickle.load(shared("checkpoint_8.pth"))
     assert set(loaded_state) == set(real) and set(loaded_state["ema"]) == set(real["ema"])
-    assert set(loaded_state["optimizer"]["param_groups"][0]) == set(real["optimizer"]["param_groups"][0])
+    # Adam's settings as this torch names them (the fixture's newer torch may know more, e.g. 2.6's
+    # decoupled_weight_decay, which torch 2.4's Adam neither writes nor needs)
+    ours = set(torch.optim.Adam([torch.zeros(1, requires_grad=True)]).state_dict()["param_groups"][0])
+    assert set(loaded_state["optimizer"]["param_groups"][0]) == set(real["optimizer"]["param_groups"][0]) & ours
     for wrap in (lambda m: m, torch.nn.DataParallel):
         torch.manual_seed(1)
         model = wrap(new_diffusion_model("vpsde", attack.TINY_VPSDE_CONFIG))
